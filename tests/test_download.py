@@ -1,0 +1,629 @@
+"""download(): behaviour against the in-process registry, in memory and over loopback."""
+
+import errno
+import itertools
+import os
+import resource
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+import trio_blobs
+from trio_blobs import (
+    AuthChallenge,
+    AuthenticationError,
+    Blob,
+    IntegrityError,
+    LocalFileError,
+    ProtocolError,
+    RegistryError,
+    RetriesExhaustedError,
+    StallError,
+    download,
+)
+from trio_blobs.testing import Fault, Registry
+
+from ._helpers import BASE_URL, add_blobs
+
+
+def blob_gets(registry: Registry, digest: str | None = None) -> list[str]:
+    return [
+        r.url
+        for r in registry.requests
+        if r.method == "GET" and "/blobs/" in r.url and (digest is None or digest in r.url)
+    ]
+
+
+def stored(dest: Path) -> set[str]:
+    """Every name in ``dest``, temporary files included."""
+    return {p.name for p in dest.iterdir()}
+
+
+def assert_exactly(dest: Path, registry: Registry, blobs: list[Blob]) -> None:
+    """``dest`` holds these blobs, byte for byte, and nothing else."""
+    assert stored(dest) == {b.file_name for b in blobs}
+    for b in blobs:
+        assert (dest / b.file_name).read_bytes() == registry.blobs["library/_"][b.digest]
+
+
+# -- 1. a nursery of tasks, at most `concurrency` requests in flight ------------------------
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Wraps a transport and records the most requests that were ever in flight at once."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.active = self.peak = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            response = await self.inner.handle_async_request(request)
+            await response.aread()
+        finally:
+            self.active -= 1
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=httpx.ByteStream(response.content),
+        )
+
+
+async def test_downloads_in_parallel_within_the_concurrency_limit(
+    registry: Registry, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    blobs = add_blobs(registry, *range(1000, 1020))
+    registry.add_fault(Fault(delay=1.0, times=None))
+    transport = CountingTransport(registry.transport())
+    start = trio.current_time()
+    async with httpx.AsyncClient(transport=transport) as client:
+        result = await download(
+            blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, concurrency=3
+        )
+    assert transport.peak == 3
+    assert trio.current_time() - start == pytest.approx(7.0, abs=0.01)  # ceil(20 / 3) rounds
+    assert result.downloaded == tuple(b.digest for b in blobs)
+    assert_exactly(tmp_path, registry, blobs)
+
+
+# -- 2. verified files only under final names, nothing stray ----------------------------------
+
+
+async def test_every_blob_lands_verified_under_its_final_name(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = add_blobs(registry, 0, 1, 65536, 3_000_000)
+    result = await download(blobs, base_url=BASE_URL, dest_dir=tmp_path / "new", client=client)
+    assert result == trio_blobs.DownloadResult(tuple(b.digest for b in blobs), ())
+    assert_exactly(tmp_path / "new", registry, blobs)
+
+
+async def test_a_failed_blob_leaves_no_file_and_no_temp_file(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    good, bad = add_blobs(registry, 100_000, 100_000)
+    registry.add_fault(Fault(digest=bad.digest, corrupt=True, times=None))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await download(
+            [good, bad], base_url=BASE_URL, dest_dir=tmp_path, client=client, concurrency=1
+        )
+    assert caught.value.digest == bad.digest
+    assert isinstance(caught.value.last_error, IntegrityError)
+    assert "digest" in str(caught.value)
+    assert stored(tmp_path) == {good.file_name}
+
+
+async def test_sha512_blobs_are_verified_with_sha512(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    data = os.urandom(5000)
+    blob = Blob.from_bytes(data, algorithm="sha512")
+    registry.blobs.setdefault("library/_", {})[blob.digest] = data
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert (tmp_path / f"sha512-{blob.digest[7:]}").read_bytes() == data
+
+
+# -- 3. one GET per blob; redirects by hand; Authorization only to the registry ------------
+
+
+async def test_one_get_per_blob_and_no_other_request(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = add_blobs(registry, *[10] * 30)
+    await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert len(registry.requests) == 30
+    assert sorted(blob_gets(registry)) == sorted(
+        f"{BASE_URL}/v2/library/_/blobs/{b.digest}" for b in blobs
+    )
+
+
+async def test_redirect_to_storage_never_carries_the_token(tmp_path: Path) -> None:
+    registry = Registry(token="s3cret", redirect_blobs_to="http://storage.test")
+    blobs = add_blobs(registry, 70_000, 5)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, token="s3cret")
+    assert_exactly(tmp_path, registry, blobs)
+    to_storage = [r for r in registry.requests if r.url.startswith("http://storage.test/")]
+    to_registry = [r for r in registry.requests if r.url.startswith(BASE_URL)]
+    assert len(to_storage) == len(to_registry) == 2
+    assert all("authorization" not in r.headers for r in to_storage)
+    assert all(r.headers["authorization"] == "Bearer s3cret" for r in to_registry)
+    assert all("sig=" in r.url for r in to_storage)  # the presigned query is kept
+
+
+async def test_same_origin_redirect_keeps_the_token(tmp_path: Path) -> None:
+    registry = Registry(token="s3cret", redirect_blobs_to=BASE_URL)
+    blobs = add_blobs(registry, 100)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, token="s3cret")
+    assert [r.headers.get("authorization") for r in registry.requests] == ["Bearer s3cret"] * 2
+
+
+async def test_https_to_http_redirect_is_refused(tmp_path: Path) -> None:
+    registry = Registry(redirect_blobs_to="http://storage.test")
+    blobs = add_blobs(registry, 100)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        with pytest.raises(ProtocolError, match="https to http"):
+            await download(
+                blobs, base_url="https://registry.test", dest_dir=tmp_path, client=client
+            )
+    assert stored(tmp_path) == set()
+
+
+async def test_a_redirect_loop_ends_after_ten_hops(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = add_blobs(registry, 100)
+    registry.add_fault(
+        Fault(status=307, headers={"location": "/v2/library/_/blobs/" + blob.digest}, times=None)
+    )
+    with pytest.raises(ProtocolError, match="more than 10 redirects"):
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert len(registry.requests) == 11
+
+
+# -- 4. 401: one token refresh for many waiters ---------------------------------------------
+
+
+async def test_many_rejected_transfers_share_one_token_refresh(tmp_path: Path) -> None:
+    registry = Registry(token="t1")
+    blobs = add_blobs(registry, *[1000] * 40)
+    challenges: list[AuthChallenge] = []
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        challenges.append(challenge)
+        await trio.sleep(0.01)
+        assert registry.token is not None
+        return registry.token
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await download(
+            blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, get_token=get_token
+        )
+        registry.token = "t2"  # the old token expires
+        await download(
+            add_blobs(registry, *[1000] * 40),
+            base_url=BASE_URL,
+            dest_dir=tmp_path,
+            client=client,
+            get_token=get_token,
+            token="t1",
+        )
+    assert len(challenges) == 2
+    assert challenges[0].scheme == "bearer"
+    assert challenges[0].realm == "http://registry.test/token"
+    assert challenges[0].scope == "repository:library/_:pull"
+
+
+async def test_a_token_rejected_after_refresh_is_final(tmp_path: Path) -> None:
+    registry = Registry(token="right")
+    blobs = add_blobs(registry, 10)
+    calls = 0
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        nonlocal calls
+        calls += 1
+        return "wrong"
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        with pytest.raises(AuthenticationError, match="refused a fresh token") as caught:
+            await download(
+                blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, get_token=get_token
+            )
+    assert caught.value.status == 401
+    assert caught.value.digest == blobs[0].digest
+    assert calls == 1
+    assert len(registry.requests) == 2
+
+
+async def test_a_401_without_get_token_is_a_clear_error(tmp_path: Path) -> None:
+    registry = Registry(token="right")
+    blobs = add_blobs(registry, 10)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        with pytest.raises(AuthenticationError, match="get_token"):
+            await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert len(registry.requests) == 1
+
+
+# -- 5. the monitor: stalls and slow transfers ----------------------------------------------
+
+
+async def test_stalled_body_is_cancelled_and_retried(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 200_000)
+    registry.add_fault(Fault(stall_after=50_000, times=2))
+    start = trio.current_time()
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, stall_timeout=3)
+    assert 6 <= trio.current_time() - start <= 8
+    assert len(blob_gets(registry)) == 3
+    assert_exactly(tmp_path, registry, [blob])
+
+
+async def test_missing_response_headers_count_as_a_stall(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    registry.add_fault(Fault(delay=1e6, times=1))
+    start = trio.current_time()
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, stall_timeout=2)
+    assert 2 <= trio.current_time() - start <= 3
+    assert len(blob_gets(registry)) == 2
+
+
+async def test_stalls_do_not_use_up_attempts_but_ten_in_a_row_fail(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    registry.add_fault(Fault(stall_after=10, times=None))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, stall_timeout=1)
+    assert isinstance(caught.value.last_error, StallError)
+    assert len(blob_gets(registry)) == 10  # more than the six attempts other failures get
+    assert stored(tmp_path) == set()
+
+
+async def test_a_crawling_transfer_is_cut_off_and_retried(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fast = add_blobs(registry, *[200_000] * 5)
+    for blob in fast:  # 1 MB/s: five samples of the median
+        registry.add_fault(Fault(digest=blob.digest, trickle=1_000_000))
+    [slow] = add_blobs(registry, 1_000_000)
+    registry.add_fault(Fault(digest=slow.digest, trickle=50_000))  # 5% of the median
+    start = trio.current_time()
+    await download([*fast, slow], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert 5 <= trio.current_time() - start <= 6
+    assert len(blob_gets(registry, slow.digest)) == 2
+    assert_exactly(tmp_path, registry, [*fast, slow])
+
+
+# -- 6. retries, backoff, Retry-After; permanent errors at once -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "gets", "min_seconds", "max_seconds"),
+    [
+        # backoff n^2 x 10 ms x 0.5-1.5: 10 ms then 40 ms
+        (Fault(status=503, times=2), 3, 0.025, 0.075),
+        (Fault(status=500, times=1), 2, 0.005, 0.015),
+        (Fault(status=408, times=1), 2, 0.005, 0.015),
+        (Fault(status=429, times=1, headers={"retry-after": "30"}), 2, 30, 30.01),
+        (Fault(status=503, times=1, headers={"retry-after": "3600"}), 2, 60, 60.01),
+        (Fault(status=429, times=1, body=b"<html>Too Many</html>"), 2, 0.005, 0.015),
+        (Fault(truncate_at=500, times=1), 2, 0.005, 0.015),
+        (Fault(corrupt=True, times=2), 3, 0.025, 0.075),
+        (Fault(extra=b"more", times=1), 2, 0.005, 0.015),
+    ],
+)
+async def test_retryable_failures_are_retried_with_backoff(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    fault: Fault,
+    gets: int,
+    min_seconds: float,
+    max_seconds: float,
+) -> None:
+    [blob] = add_blobs(registry, 4000)
+    registry.add_fault(fault)
+    start = trio.current_time()
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert min_seconds <= trio.current_time() - start <= max_seconds
+    assert len(blob_gets(registry)) == gets
+    assert_exactly(tmp_path, registry, [blob])
+
+
+async def test_retries_end_after_six_attempts(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 10)
+    registry.add_fault(Fault(status=502, times=None))
+    with pytest.raises(RetriesExhaustedError, match="502") as caught:
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert caught.value.attempts == 6
+    assert isinstance(caught.value.last_error, RegistryError)
+    assert len(blob_gets(registry)) == 6
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 405])
+async def test_permanent_statuses_fail_at_once_with_the_registry_message(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, status: int
+) -> None:
+    [blob] = add_blobs(registry, 10)
+    registry.add_fault(Fault(status=status, times=None))
+    with pytest.raises(RegistryError) as caught:
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert caught.value.status == status
+    assert caught.value.digest == blob.digest
+    assert len(blob_gets(registry)) == 1
+
+
+async def test_unknown_blob_reports_the_registry_error_code(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    missing = Blob.from_bytes(b"not there")
+    with pytest.raises(RegistryError, match="404 Not Found: BLOB_UNKNOWN") as caught:
+        await download([missing], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert caught.value.code == "BLOB_UNKNOWN"
+    assert caught.value.url == f"{BASE_URL}/v2/library/_/blobs/{missing.digest}"
+    assert missing.digest in str(caught.value)
+
+
+async def test_html_error_pages_stay_out_of_messages(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = add_blobs(registry, 10)
+    registry.add_fault(Fault(status=403, body=b"<html><body>Forbidden by CDN</body></html>"))
+    with pytest.raises(RegistryError) as caught:
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert "<html>" not in str(caught.value)
+    assert "403 Forbidden" in str(caught.value)
+
+
+async def test_several_failures_come_out_as_one_transfer_error(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = add_blobs(registry, *[10] * 5)
+    registry.add_fault(Fault(status=404, times=None))
+    with pytest.raises(RegistryError) as caught:
+        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert caught.value.digest in {b.digest for b in blobs}
+
+
+# -- 7. a body longer than the blob; local write errors -------------------------------------
+
+
+async def test_a_body_that_is_always_too_long_fails_without_writing_more(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    registry.add_fault(Fault(extra=b"x" * 1_000_000, times=None))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert isinstance(caught.value.last_error, IntegrityError)
+    assert stored(tmp_path) == set()
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[int]:
+    """Writes beyond 64 KiB fail with EFBIG, like a full disk, for the duration of a test."""
+    limit = 65536
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+async def test_a_write_error_is_reported_as_such_and_not_retried(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, file_size_limit: int
+) -> None:
+    [blob] = add_blobs(registry, 4 * file_size_limit)
+    with pytest.raises(LocalFileError, match=os.strerror(errno.EFBIG)) as caught:
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert caught.value.digest == blob.digest
+    assert isinstance(caught.value.__cause__, OSError)
+    assert len(blob_gets(registry)) == 1
+    assert stored(tmp_path) == set()
+
+
+# -- 8. skipping present blobs; progress ----------------------------------------------------
+
+
+async def test_present_blobs_are_skipped_without_a_request(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    present, wrong_size, missing = add_blobs(registry, 100, 200, 300)
+    (tmp_path / present.file_name).write_bytes(registry.blobs["library/_"][present.digest])
+    (tmp_path / wrong_size.file_name).write_bytes(b"short")
+    calls: list[tuple[int, int]] = []
+    result = await download(
+        [present, wrong_size, missing],
+        base_url=BASE_URL,
+        dest_dir=tmp_path,
+        client=client,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert result.skipped == (present.digest,)
+    assert result.downloaded == (wrong_size.digest, missing.digest)
+    assert present.digest not in " ".join(blob_gets(registry))
+    assert calls[0] == (100, 600)
+    assert calls[-1] == (600, 600)
+    assert_exactly(tmp_path, registry, [present, wrong_size, missing])
+
+
+async def test_progress_rolls_back_a_failed_attempt_and_stays_in_bounds(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = add_blobs(registry, 300_000, 300_000)
+    registry.add_fault(Fault(digest=blobs[0].digest, truncate_at=200_000))
+    calls: list[tuple[int, int]] = []
+    await download(
+        blobs,
+        base_url=BASE_URL,
+        dest_dir=tmp_path,
+        client=client,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert all(0 <= done <= total == 600_000 for done, total in calls)
+    assert any(b[0] < a[0] for a, b in itertools.pairwise(calls))  # a roll-back
+    assert calls[-1] == (600_000, 600_000)
+
+
+async def test_everything_present_reports_total_at_once(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = add_blobs(registry, 100)
+    (tmp_path / blob.file_name).write_bytes(registry.blobs["library/_"][blob.digest])
+    calls: list[tuple[int, int]] = []
+    await download(
+        [blob],
+        base_url=BASE_URL,
+        dest_dir=tmp_path,
+        client=client,
+        progress=lambda *a: calls.append(a),
+    )
+    assert calls == [(100, 100)]
+    assert registry.requests == []
+
+
+async def test_an_empty_list_returns_at_once(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    calls: list[tuple[int, int]] = []
+    result = await download(
+        [],
+        base_url=BASE_URL,
+        dest_dir=tmp_path / "never",
+        client=client,
+        progress=lambda *a: calls.append(a),
+    )
+    assert result == trio_blobs.DownloadResult((), ())
+    assert registry.requests == []
+    assert not (tmp_path / "never").exists()
+
+
+# -- bad input: clear errors before any I/O -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"base_url": "registry.test"}, ValueError, "base_url"),
+        ({"repository": "../etc"}, ValueError, "repository"),
+        ({"concurrency": 0}, ValueError, "concurrency"),
+        ({"stall_timeout": 0}, ValueError, "stall_timeout"),
+        ({"blobs": ["sha256:" + "0" * 64]}, TypeError, "Blob"),
+        (
+            {"blobs": [Blob("sha256:" + "0" * 64, 1), Blob("sha256:" + "0" * 64, 2)]},
+            ValueError,
+            "two sizes",
+        ),
+    ],
+)
+async def test_bad_arguments_fail_before_any_request(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    args: dict[str, object] = {
+        "blobs": add_blobs(registry, 10),
+        "base_url": BASE_URL,
+        "dest_dir": tmp_path / "d",
+        "client": client,
+    } | kwargs
+    with pytest.raises(error, match=match):
+        await download(**args)  # type: ignore[arg-type]
+    assert registry.requests == []
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_malformed_digest_never_becomes_a_blob() -> None:
+    with pytest.raises(ValueError, match="digest"):
+        Blob("sha256:../../etc/passwd", 1)
+
+
+# -- 9. cancellation ------------------------------------------------------------------------
+
+
+async def test_cancelling_the_caller_returns_promptly_and_cleans_up(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    blobs = add_blobs(registry, *[100_000] * 8)
+    registry.add_fault(Fault(stall_after=20_000, times=None))
+    with trio.move_on_after(5) as scope:
+        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, stall_timeout=60)
+    assert scope.cancelled_caught
+    assert stored(tmp_path) == set()
+
+
+# -- over real sockets ----------------------------------------------------------------------
+
+
+async def test_download_over_loopback(registry: Registry, tmp_path: Path) -> None:
+    blobs = add_blobs(registry, 0, 1, 100_000, 3_000_000)
+    registry.add_fault(Fault(truncate_at=1000, times=1))
+    async with registry.serving() as base_url:
+        result = await download(blobs, base_url=base_url, dest_dir=tmp_path)
+    assert set(result.downloaded) == {b.digest for b in blobs}
+    assert_exactly(tmp_path, registry, blobs)
+
+
+async def test_cancel_over_loopback_returns_within_a_second(
+    registry: Registry, tmp_path: Path
+) -> None:
+    blobs = add_blobs(registry, *[500_000] * 4)
+    registry.add_fault(Fault(stall_after=1000, times=None))
+    async with registry.serving() as base_url:
+        with trio.move_on_after(0.5):
+            start = trio.current_time()
+            await download(blobs, base_url=base_url, dest_dir=tmp_path)
+        assert trio.current_time() - start < 1.5
+    assert stored(tmp_path) == set()
+
+
+async def test_stall_over_loopback_with_a_small_real_timeout(
+    registry: Registry, tmp_path: Path
+) -> None:
+    [blob] = add_blobs(registry, 300_000)
+    registry.add_fault(Fault(stall_after=100_000, times=1))
+    async with registry.serving() as base_url:
+        await download([blob], base_url=base_url, dest_dir=tmp_path, stall_timeout=0.3)
+    assert len(blob_gets(registry)) == 2
+    assert_exactly(tmp_path, registry, [blob])

@@ -1,0 +1,80 @@
+"""The stall and slow-transfer watchdog, on virtual time."""
+
+import trio
+import trio.testing
+
+from trio_blobs._monitor import Monitor, RateHistory
+
+
+def test_rate_history_ignores_small_transfers_and_needs_five_samples() -> None:
+    history = RateHistory()
+    for _ in range(10):
+        history.add(99_999, 0.001)
+    assert history.median() is None
+    for rate in (1, 2, 3, 4):
+        history.add(1_000_000, 1_000_000 / (rate * 1e6))
+    assert history.median() is None
+    history.add(1_000_000, 1 / 100)
+    assert history.median() == 3e6
+
+
+def test_rate_history_keeps_the_last_thirty() -> None:
+    history = RateHistory()
+    for _ in range(30):
+        history.add(1_000_000, 1.0)
+    for _ in range(16):
+        history.add(1_000_000, 0.1)
+    assert history.median() == 1e7
+
+
+async def _watched(monitor: Monitor, feed: list[tuple[float, int]]) -> str | None:
+    """Run an attempt that receives ``feed`` (delay, nbytes) and then idles; its verdict."""
+    with monitor.watch() as watch:
+        for delay, nbytes in feed:
+            await trio.sleep(delay)
+            watch.progress(nbytes)
+        await trio.sleep(1000)
+    return watch.verdict
+
+
+async def test_stall_trips_after_stall_timeout_without_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    monitor = Monitor(stall_timeout=10, history=RateHistory())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(monitor.run)
+        start = trio.current_time()
+        assert await _watched(monitor, [(9, 100), (9, 100)]) == "stall"
+        assert 28 <= trio.current_time() - start <= 28.5
+        nursery.cancel_scope.cancel()
+
+
+async def test_slow_attempt_trips_after_grace_when_below_a_tenth_of_median(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    history = RateHistory()
+    for _ in range(5):
+        history.add(10_000_000, 1.0)  # 10 MB/s
+    monitor = Monitor(stall_timeout=10, history=history)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(monitor.run)
+        start = trio.current_time()
+        # 0.5 MB/s: steady bytes, never stalled, but 5% of the median
+        assert await _watched(monitor, [(0.1, 50_000)] * 200) == "slow"
+        assert 5 <= trio.current_time() - start <= 5.5
+        # 2 MB/s is 20% of the median: left alone until it stops
+        assert await _watched(monitor, [(0.1, 200_000)] * 100) == "stall"
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_slow_verdict_without_enough_history(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    history = RateHistory()
+    for _ in range(4):
+        history.add(10_000_000, 1.0)
+    monitor = Monitor(stall_timeout=10, history=history)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(monitor.run)
+        assert await _watched(monitor, [(1, 1)] * 20) == "stall"
+        nursery.cancel_scope.cancel()

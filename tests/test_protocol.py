@@ -1,0 +1,152 @@
+"""Sans-IO protocol rules: origins, redirects, error bodies, Retry-After, argument checks."""
+
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from trio_blobs import AuthenticationError, ProtocolError, RegistryError
+from trio_blobs._protocol import (
+    check_base_url,
+    check_repository,
+    error_for_response,
+    parse_error_body,
+    parse_retry_after,
+    redirect_target,
+    same_origin,
+)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("http://r.test/v2/", "http://r.test:80/x", True),
+        ("https://r.test/", "https://r.test:443/", True),
+        ("https://r.test/", "http://r.test/", False),
+        ("http://r.test:5000/", "http://r.test:5001/", False),
+        ("http://r.test/", "http://cdn.r.test/", False),
+        ("http://R.TEST/", "http://r.test/", True),
+    ],
+)
+def test_same_origin_compares_scheme_host_and_port(a: str, b: str, same: bool) -> None:
+    assert same_origin(httpx.URL(a), httpx.URL(b)) is same
+
+
+def _redirect(location: str | None, status: int = 307) -> httpx.Response:
+    headers = {"location": location} if location is not None else {}
+    return httpx.Response(status, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("current", "location", "target"),
+    [
+        ("http://r.test/v2/a/blobs/x", "/storage/x?sig=1", "http://r.test/storage/x?sig=1"),
+        ("http://r.test/v2/a/blobs/x", "y?z=1", "http://r.test/v2/a/blobs/y?z=1"),
+        ("https://r.test/v2/", "https://cdn.test/b?X-Amz=1&e=2", "https://cdn.test/b?X-Amz=1&e=2"),
+        ("http://r.test/v2/", "https://cdn.test/b", "https://cdn.test/b"),
+    ],
+)
+def test_redirect_target_resolves_and_keeps_query(current: str, location: str, target: str) -> None:
+    assert str(redirect_target(httpx.URL(current), _redirect(location))) == target
+
+
+@pytest.mark.parametrize("location", [None, "", "ftp://cdn.test/x", "http://cdn.test/x"])
+def test_redirect_target_refuses_bad_locations_and_downgrades(location: str | None) -> None:
+    with pytest.raises(ProtocolError):
+        redirect_target(httpx.URL("https://r.test/v2/x"), _redirect(location))
+
+
+def test_parse_error_body_reads_registry_json() -> None:
+    body = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown","detail":{"d":1}}]}'
+    assert parse_error_body("application/json", body) == ("BLOB_UNKNOWN", "blob unknown", {"d": 1})
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><body>429 Too Many Requests</body></html>"),
+        ("application/json", b"{not json"),
+        ("application/json", b'{"errors": []}'),
+        ("application/json", b'{"errors": "x"}'),
+        ("application/json", b"[1, 2]"),
+        ("", b""),
+    ],
+)
+def test_parse_error_body_never_shows_other_bodies(content_type: str, body: bytes) -> None:
+    assert parse_error_body(content_type, body) == (None, None, None)
+
+
+def test_error_for_response_names_status_code_and_message() -> None:
+    request = httpx.Request("GET", "http://r.test/v2/a/blobs/sha256:00")
+    response = httpx.Response(
+        404,
+        request=request,
+        headers={"content-type": "application/json"},
+    )
+    body = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
+    error = error_for_response(response, body, digest="sha256:00", what="blob")
+    assert type(error) is RegistryError
+    assert (error.status, error.code, error.error_message) == (
+        404,
+        "BLOB_UNKNOWN",
+        "blob unknown to registry",
+    )
+    assert "404 Not Found: BLOB_UNKNOWN: blob unknown to registry" in str(error)
+    assert error.url == str(request.url)
+
+
+def test_error_for_response_keeps_html_out_and_reads_retry_after() -> None:
+    request = httpx.Request("GET", "http://r.test/x")
+    response = httpx.Response(
+        429, request=request, headers={"content-type": "text/html", "retry-after": "7"}
+    )
+    error = error_for_response(response, b"<html>slow down</html>", digest=None, what="blob")
+    assert "<html>" not in str(error)
+    assert error.retry_after == 7.0
+
+
+def test_error_for_response_401_is_authentication_error() -> None:
+    response = httpx.Response(401, request=httpx.Request("GET", "http://r.test/v2/"))
+    assert isinstance(
+        error_for_response(response, b"", digest=None, what="blob"), AuthenticationError
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 3 ", 3.0),
+        ("Wed, 25 Nov 2026 10:00:30 GMT", 30.0),
+        ("Wed, 25 Nov 2026 09:59:00 GMT", 0.0),
+        ("soon", None),
+        ("-5", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    now = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
+    assert parse_retry_after(value, now=now) == seconds
+
+
+@pytest.mark.parametrize("name", ["library/_", "a/b/c", "ollama.com/x-y_z", "user/model.v2"])
+def test_check_repository_accepts_real_names(name: str) -> None:
+    assert check_repository(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "/a", "a/", "a//b", "../x", "a/../b", "a b", "a?b", "a#b", 3])
+def test_check_repository_rejects_names_that_could_escape_the_path(name: object) -> None:
+    with pytest.raises(ValueError, match="repository"):
+        check_repository(name)
+
+
+@pytest.mark.parametrize(
+    "url", ["registry.test", "ftp://r.test", "http://", "", None, "http://[::"]
+)
+def test_check_base_url_rejects_non_http_urls(url: object) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        check_base_url(url)
+
+
+def test_check_base_url_drops_trailing_slash_and_query() -> None:
+    assert str(check_base_url("http://127.0.0.1:5000/?x=1")) == "http://127.0.0.1:5000/"

@@ -1,0 +1,228 @@
+"""Parallel, verified blob downloads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from ._digest import Blob, new_hasher
+from ._exceptions import IntegrityError, LocalFileError
+from ._monitor import Watch
+from ._retry import RetryPolicy
+from ._session import GetToken
+from ._transfer import (
+    Progress,
+    ProgressCallback,
+    Transfer,
+    check_blobs,
+    check_options,
+    open_session,
+)
+
+__all__ = ["DownloadResult", "download"]
+
+_BLOB_HEADERS = {"accept-encoding": "identity"}
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadResult:
+    """What a :func:`download` call did: digests fetched, and digests already present."""
+
+    downloaded: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+async def download(
+    blobs: Iterable[Blob],
+    *,
+    base_url: str,
+    dest_dir: str | os.PathLike[str],
+    repository: str = "library/_",
+    concurrency: int = 64,
+    progress: ProgressCallback | None = None,
+    client: httpx.AsyncClient | None = None,
+    token: str | None = None,
+    get_token: GetToken | None = None,
+    user_agent: str | None = None,
+    stall_timeout: float = 10.0,
+    logger: logging.Logger | None = None,
+    retry: RetryPolicy | None = None,
+) -> DownloadResult:
+    """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
+
+    Each blob is streamed into a temporary file beside its final name ``sha256-<hex>``, hashed as
+    it arrives, and renamed only once its size and digest match. A blob whose file already has
+    the right size is skipped without a request. At most ``concurrency`` requests are in flight.
+
+    ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
+    always followed here, never by httpx, and ``Authorization`` (from ``token``, or from
+    ``await get_token(challenge)`` after a 401) is only ever sent to ``base_url``'s origin.
+    ``progress(completed, total)`` is called as bytes arrive. An attempt that receives nothing
+    for ``stall_timeout`` seconds, or crawls far below recent transfers, is cancelled and retried
+    as ``retry`` (a :class:`RetryPolicy`) allows.
+
+    Raises :class:`TransferError` (naming the blob) when a blob cannot be fetched, and
+    :class:`ValueError` / :class:`TypeError` for bad arguments, before any I/O.
+    """
+    todo = check_blobs(blobs)
+    check_options(concurrency=concurrency, stall_timeout=stall_timeout)
+    if not todo:
+        return DownloadResult((), ())
+    dest = Path(dest_dir)
+    digests = [blob.digest for blob in todo]
+    async with open_session(
+        client=client,
+        base_url=base_url,
+        repository=repository,
+        concurrency=concurrency,
+        token=token,
+        get_token=get_token,
+        user_agent=user_agent,
+        logger=logger,
+        actions="pull",
+    ) as session:
+        present = _prepare(dest, todo)
+        tracker = Progress(progress, total=sum(blob.size for blob in todo))
+        todo = [blob for blob in todo if blob.digest not in present]
+        tracker.add(tracker.total - sum(blob.size for blob in todo))
+        transfer = Transfer(
+            session=session,
+            concurrency=concurrency,
+            stall_timeout=stall_timeout,
+            retry=retry or RetryPolicy(),
+            progress=tracker,
+        )
+
+        async def fetch(blob: Blob) -> None:
+            await transfer.with_retries(blob, lambda watch: _attempt(transfer, blob, dest, watch))
+
+        await transfer.run_each(todo, fetch)
+    return DownloadResult(
+        downloaded=tuple(d for d in digests if d not in present),
+        skipped=tuple(d for d in digests if d in present),
+    )
+
+
+def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
+    """Create ``dest`` if needed; return the digests of blobs already there with the right size."""
+    with _local_errors(None, dest):
+        dest.mkdir(parents=True, exist_ok=True)
+    present = set()
+    for blob in blobs:
+        path = dest / blob.file_name
+        with _local_errors(blob.digest, path):
+            try:
+                if path.stat().st_size == blob.size:
+                    present.add(blob.digest)
+            except FileNotFoundError:
+                pass
+    return present
+
+
+async def _attempt(transfer: Transfer, blob: Blob, dest: Path, watch: Watch) -> None:
+    """One GET of ``blob`` streamed into a verified file; a failure rolls its progress back."""
+    session = transfer.session
+    url = session.url(f"blobs/{blob.digest}")
+    counted = 0
+    try:
+        async with session.stream(
+            "GET", url, expect=(200,), digest=blob.digest, what="blob", headers=_BLOB_HEADERS
+        ) as response:
+            watch.progress(0)
+            _check_headers(blob, response)
+            with _PartialFile(dest, blob) as partial:
+                async for chunk in response.aiter_raw():
+                    partial.write(chunk)
+                    watch.progress(len(chunk))
+                    counted += len(chunk)
+                    transfer.progress.add(len(chunk))
+                partial.commit()
+        counted = 0
+    finally:
+        if counted:
+            transfer.progress.add(-counted)
+
+
+def _check_headers(blob: Blob, response: httpx.Response) -> None:
+    """Reject a response whose headers already say it is not this blob."""
+    url = str(response.request.url)
+    length = response.headers.get("content-length")
+    if length is not None and length.strip() != str(blob.size):
+        raise IntegrityError(
+            f"server announced {length.strip()} bytes, the blob has {blob.size}",
+            digest=blob.digest,
+            url=url,
+        )
+    announced = response.headers.get("docker-content-digest")
+    if announced is not None and announced.strip() != blob.digest:
+        raise IntegrityError(
+            f"server announced digest {announced.strip()}", digest=blob.digest, url=url
+        )
+
+
+@contextmanager
+def _local_errors(digest: str | None, path: Path) -> Iterator[None]:
+    """Report an :class:`OSError` on ``path`` as what it is: a local file problem."""
+    try:
+        yield
+    except OSError as exc:
+        raise LocalFileError(f"cannot write {path}: {exc.strerror or exc}", digest=digest) from exc
+
+
+class _PartialFile:
+    """A blob being written: a hidden temporary file beside its final name, hashed as it grows.
+
+    :meth:`commit` renames it to its final name after checking size and digest; leaving the
+    ``with`` block any other way removes it.
+    """
+
+    def __init__(self, dest: Path, blob: Blob) -> None:
+        self._blob = blob
+        self._final = dest / blob.file_name
+        self._hasher = new_hasher(blob.digest)
+        self._received = 0
+        with _local_errors(blob.digest, dest):
+            fd, name = tempfile.mkstemp(dir=dest, prefix=f".{blob.file_name}.", suffix=".partial")
+        self._path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+
+    def __enter__(self) -> _PartialFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._path.unlink(missing_ok=True)
+
+    def write(self, chunk: bytes) -> None:
+        """Hash and write ``chunk``; a body that outgrows the blob is refused unwritten."""
+        if self._received + len(chunk) > self._blob.size:
+            raise IntegrityError(
+                f"body is longer than the blob's {self._blob.size} bytes", digest=self._blob.digest
+            )
+        self._hasher.update(chunk)
+        with _local_errors(self._blob.digest, self._path):
+            self._file.write(chunk)
+        self._received += len(chunk)
+
+    def commit(self) -> None:
+        """Verify size and digest, then give the file its final name."""
+        blob = self._blob
+        if self._received != blob.size:
+            raise IntegrityError(
+                f"body ended after {self._received} of {blob.size} bytes", digest=blob.digest
+            )
+        algorithm = blob.digest.partition(":")[0]
+        actual = f"{algorithm}:{self._hasher.hexdigest()}"
+        if actual != blob.digest:
+            raise IntegrityError(f"content has digest {actual}", digest=blob.digest)
+        with _local_errors(blob.digest, self._path):
+            self._file.close()
+            os.replace(self._path, self._final)

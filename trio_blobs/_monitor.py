@@ -1,0 +1,121 @@
+"""The watchdog that cuts off stalled and slow attempts.
+
+Each attempt runs inside a :class:`Watch`, a cancel scope plus byte counters. One monitor task
+per transfer call looks at every active watch a few times a second and cancels the ones that
+made no progress for ``stall_timeout`` seconds, or that, after a grace period, run below a
+fraction of the median rate of recently completed transfers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from ._exceptions import SlowTransferError, StallError, TransferError
+
+SLOW_GRACE = 5.0  # seconds before an attempt may be judged slow
+SLOW_FRACTION = 0.1  # slow: below this fraction of the median rate
+RATE_WINDOW = 30  # completed transfers the median is taken over
+RATE_MIN_SAMPLES = 5  # no slowness verdict before this many samples
+RATE_MIN_SIZE = 100_000  # transfers smaller than this say little about the link's rate
+
+
+class RateHistory:
+    """Rates (bytes per second) of recently completed transfers large enough to be telling."""
+
+    def __init__(self) -> None:
+        self._rates: deque[float] = deque(maxlen=RATE_WINDOW)
+
+    def add(self, size: int, seconds: float) -> None:
+        """Record a completed transfer of ``size`` bytes that took ``seconds``."""
+        if size >= RATE_MIN_SIZE and seconds > 0:
+            self._rates.append(size / seconds)
+
+    def median(self) -> float | None:
+        """The median rate, or None while there are too few samples."""
+        if len(self._rates) < RATE_MIN_SAMPLES:
+            return None
+        return statistics.median(self._rates)
+
+
+class Watch:
+    """One attempt under watch: call :meth:`progress` whenever bytes (or headers) arrive."""
+
+    __slots__ = ("cancel_scope", "last_activity", "started", "transferred", "verdict")
+
+    def __init__(self) -> None:
+        self.cancel_scope = trio.CancelScope()
+        self.started = self.last_activity = trio.current_time()
+        self.transferred = 0
+        self.verdict: str | None = None  # "stall" or "slow" once tripped
+
+    def progress(self, nbytes: int) -> None:
+        """Note that ``nbytes`` (possibly 0, for a response head) just arrived."""
+        self.transferred += nbytes
+        self.last_activity = trio.current_time()
+
+    def trip(self, verdict: str) -> None:
+        """Cancel the attempt, recording why."""
+        if self.verdict is None:
+            self.verdict = verdict
+            self.cancel_scope.cancel()
+
+    def error(self, *, stall_timeout: float, digest: str, url: str | None) -> TransferError | None:
+        """The error that describes why the monitor cut this attempt off, if it did."""
+        if self.verdict == "stall":
+            return StallError(
+                f"no data for {stall_timeout:g} s after {self.transferred} bytes",
+                digest=digest,
+                url=url,
+            )
+        if self.verdict == "slow":
+            seconds = self.last_activity - self.started
+            rate = self.transferred / seconds if seconds > 0 else 0.0
+            return SlowTransferError(
+                f"cut off at {rate / 1e6:.3f} MB/s, far below recent transfers",
+                digest=digest,
+                url=url,
+            )
+        return None
+
+
+class Monitor:
+    """Watches attempts; :meth:`run` must be started in a nursery that outlives them."""
+
+    def __init__(self, *, stall_timeout: float, history: RateHistory) -> None:
+        self.stall_timeout = stall_timeout
+        self.history = history
+        self._watches: set[Watch] = set()
+        self._tick = min(0.5, stall_timeout / 4)
+
+    @contextmanager
+    def watch(self) -> Iterator[Watch]:
+        """Enter a cancel scope that the monitor trips when the attempt stalls or crawls."""
+        watch = Watch()
+        self._watches.add(watch)
+        try:
+            with watch.cancel_scope:
+                yield watch
+        finally:
+            self._watches.discard(watch)
+
+    def check(self, now: float) -> None:
+        """Trip every watch that is stalled or too slow at time ``now``."""
+        median = self.history.median()
+        for watch in list(self._watches):
+            if now - watch.last_activity >= self.stall_timeout:
+                watch.trip("stall")
+            elif median is not None and now - watch.started >= SLOW_GRACE:
+                rate = watch.transferred / (now - watch.started)
+                if rate < SLOW_FRACTION * median:
+                    watch.trip("slow")
+
+    async def run(self) -> None:
+        """Check the active attempts a few times a second, forever."""
+        while True:
+            await trio.sleep(self._tick)
+            self.check(trio.current_time())

@@ -1,0 +1,137 @@
+"""Sans-IO registry protocol decisions: redirects, origins, error bodies, retry hints.
+
+Nothing here does I/O, so each rule is tested without a socket.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+
+import httpx
+
+from ._exceptions import AuthenticationError, ProtocolError, RegistryError
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+MAX_REDIRECTS = 10
+
+# Path components of a repository name: generous enough for every real registry, strict enough
+# that a name can never step out of its URL path.
+_REPOSITORY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+
+
+def check_repository(repository: object) -> str:
+    """Return ``repository`` if it is a usable repository name, else raise :class:`ValueError`."""
+    if not isinstance(repository, str) or not _REPOSITORY_RE.fullmatch(repository):
+        raise ValueError(f"{repository!r} is not a valid repository name (e.g. 'library/ubuntu')")
+    return repository
+
+
+def check_base_url(base_url: object) -> httpx.URL:
+    """Parse ``base_url`` (``http(s)://host[:port]``), or raise :class:`ValueError`."""
+    try:
+        url = httpx.URL(base_url) if isinstance(base_url, str | httpx.URL) else None
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    return url.copy_with(path=url.path.rstrip("/") or "/", query=None, fragment=None)
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    """Whether two URLs share scheme, host and (effective) port."""
+    return (a.scheme, a.host, _port(a)) == (b.scheme, b.host, _port(b))
+
+
+def _port(url: httpx.URL) -> int | None:
+    return url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def redirect_target(current: httpx.URL, response: httpx.Response) -> httpx.URL:
+    """The URL a redirect response points at, resolved against ``current``.
+
+    Raises :class:`ProtocolError` for a missing or unusable ``Location`` and for a downgrade
+    from https to http.
+    """
+    location = response.headers.get("location")
+    if not location:
+        raise ProtocolError(f"redirect {response.status_code} without a Location", url=str(current))
+    try:
+        target = current.join(location)
+    except httpx.InvalidURL as exc:
+        raise ProtocolError(f"unusable redirect Location {location!r}", url=str(current)) from exc
+    if target.scheme not in ("http", "https"):
+        raise ProtocolError(f"redirect to unsupported scheme {target.scheme!r}", url=str(current))
+    if current.scheme == "https" and target.scheme == "http":
+        raise ProtocolError("refusing a redirect from https to http", url=str(target))
+    return target
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date), if valid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def parse_error_body(content_type: str, body: bytes) -> tuple[str | None, str | None, object]:
+    """``(code, message, detail)`` of the first error in a registry's JSON error body.
+
+    Anything that is not such a body (an HTML page from a CDN, say) gives ``(None, None, None)``:
+    it is never shown to the user.
+    """
+    if "json" not in content_type.lower() and not body.lstrip().startswith(b"{"):
+        return None, None, None
+    try:
+        errors = json.loads(body)["errors"]
+        first = errors[0]
+        code, message = first.get("code"), first.get("message")
+        return (
+            code if isinstance(code, str) else None,
+            message if isinstance(message, str) else None,
+            first.get("detail"),
+        )
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None, None, None
+
+
+def error_for_response(
+    response: httpx.Response, body: bytes, *, digest: str | None, what: str
+) -> RegistryError:
+    """The error to raise for a final non-success ``response`` whose (capped) body is ``body``.
+
+    ``what`` says what was asked for (``"blob"``, ``"manifest"``, ...) and starts the message.
+    """
+    status = response.status_code
+    code, error_message, detail = parse_error_body(response.headers.get("content-type", ""), body)
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = response.reason_phrase or "unknown status"
+    text = f"{what} request failed with {status} {reason}"
+    if code or error_message:
+        text += ": " + ": ".join(part for part in (code, error_message) if part)
+    cls = AuthenticationError if status == 401 else RegistryError
+    return cls(
+        text,
+        status=status,
+        code=code,
+        error_message=error_message,
+        detail=detail,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+        digest=digest,
+        url=str(response.request.url),
+    )

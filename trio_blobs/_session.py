@@ -1,0 +1,223 @@
+"""One repository on one registry, as seen by a transfer: requests, redirects and credentials.
+
+This is the one place where httpx errors become :class:`TransferError` and where the
+``Authorization`` header is decided, so that no other code can send it to the wrong origin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from contextlib import asynccontextmanager, suppress
+from importlib.metadata import PackageNotFoundError, version
+
+import httpx
+import trio
+
+from ._auth import AuthChallenge, parse_auth_challenge
+from ._exceptions import AuthenticationError, ConnectionFailedError, ProtocolError, TransferError
+from ._protocol import (
+    MAX_REDIRECTS,
+    REDIRECT_STATUSES,
+    error_for_response,
+    redirect_target,
+    same_origin,
+)
+
+GetToken = Callable[[AuthChallenge], Awaitable[str]]
+"""``async get_token(challenge) -> str``: a token (or, for a Basic challenge, credentials)."""
+
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error or redirect body worth reading
+CLEANUP_TIMEOUT = 1.0  # seconds a shielded cleanup (closing a response) may take
+
+try:
+    _VERSION = version("trio_blobs")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    _VERSION = "0"
+DEFAULT_USER_AGENT = f"trio-blobs/{_VERSION}"
+
+
+class Credentials:
+    """The ``Authorization`` value in use, and its single-flight refresh.
+
+    When many requests are rejected with the same value at once, the first one to ask fetches a
+    new token; the others wait for it and use it. ``generation`` tells them apart.
+    """
+
+    def __init__(self, *, token: str | None, get_token: GetToken | None) -> None:
+        self.header = f"Bearer {token}" if token else None
+        self.generation = 0
+        self.can_refresh = get_token is not None
+        self._get_token = get_token
+        self._lock = trio.Lock()
+
+    async def refresh(self, rejected_generation: int, challenge: AuthChallenge) -> bool:
+        """Replace the credentials that ``rejected_generation`` used; False if impossible."""
+        if self._get_token is None:
+            return False
+        async with self._lock:
+            if self.generation == rejected_generation:
+                try:
+                    token = await self._get_token(challenge)
+                except TransferError:
+                    raise
+                except Exception as exc:
+                    raise AuthenticationError(
+                        f"get_token failed for {challenge.realm or 'the registry'}: {exc!r}",
+                        status=401,
+                    ) from exc
+                scheme = "Basic" if challenge.scheme == "basic" else "Bearer"
+                self.header = f"{scheme} {token}"
+                self.generation += 1
+        return True
+
+
+class RegistrySession:
+    """Requests to one repository of one registry, through a caller's or our own client."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        base_url: httpx.URL,
+        repository: str,
+        credentials: Credentials,
+        user_agent: str | None,
+        logger: logging.Logger,
+        actions: str = "pull",
+    ) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.repository = repository
+        self.credentials = credentials
+        self.logger = logger
+        self._user_agent = user_agent or DEFAULT_USER_AGENT
+        self._default_scope = f"repository:{repository}:{actions}"
+        self._api = base_url.join(f"{base_url.path.rstrip('/')}/v2/{repository}/")
+
+    def url(self, path: str) -> httpx.URL:
+        """The URL of ``path`` (e.g. ``blobs/<digest>``) below this repository's API root."""
+        return self._api.join(path)
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        expect: Collection[int],
+        digest: str | None,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """Send a request, follow redirects and auth challenges, yield the final response.
+
+        A final status outside ``expect`` raises the matching :class:`TransferError`. httpx errors
+        raised here or while the caller reads the body become :class:`ConnectionFailedError`.
+        The response is closed on exit, shielded from cancellation and bounded in time.
+        """
+        response: httpx.Response | None = None
+        try:
+            response, refreshed = await self._send(method, url, digest=digest, headers=headers)
+            if response.status_code not in expect:
+                body = await _read_capped(response)
+                error = error_for_response(response, body, digest=digest, what=what)
+                if response.status_code == 401:
+                    error.message += (
+                        " (the registry refused a fresh token too)"
+                        if refreshed
+                        else " (pass token= or get_token= to authenticate)"
+                    )
+                raise error
+            yield response
+        except httpx.TransportError as exc:
+            failed_url = str(exc.request.url) if _has_request(exc) else str(url)
+            raise ConnectionFailedError(
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                digest=digest,
+                url=failed_url,
+            ) from exc
+        finally:
+            if response is not None:
+                await _close(response)
+
+    async def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        digest: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[httpx.Response, bool]:
+        """The first response that is not a redirect or a resolvable 401, and whether a token
+        refresh was tried on the way."""
+        refreshed = False
+        hops = 0
+        while True:
+            send_auth = same_origin(url, self.base_url)
+            generation = self.credentials.generation
+            request = self.client.build_request(
+                method, url, headers=self._headers(send_auth, headers)
+            )
+            response = await self.client.send(request, stream=True, follow_redirects=False)
+            status = response.status_code
+            if status == 401 and send_auth and not refreshed and self.credentials.can_refresh:
+                await _discard(response)
+                challenge = parse_auth_challenge(response.headers.get("www-authenticate", ""))
+                self.logger.info("fetching a token for %s (%s challenge)", url, challenge.scheme)
+                await self.credentials.refresh(
+                    generation, challenge.with_default_scope(self._default_scope)
+                )
+                refreshed = True
+                continue
+            if status not in REDIRECT_STATUSES:
+                return response, refreshed
+            await _discard(response)
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise ProtocolError(
+                    f"more than {MAX_REDIRECTS} redirects", digest=digest, url=str(url)
+                )
+            url = redirect_target(url, response)
+            if status == 303:
+                method = "GET"
+
+    def _headers(self, send_auth: bool, extra: Mapping[str, str] | None) -> dict[str, str]:
+        headers = {"user-agent": self._user_agent}
+        if send_auth and self.credentials.header:
+            headers["authorization"] = self.credentials.header
+        if extra:
+            headers.update(extra)
+        return headers
+
+
+def _has_request(exc: httpx.TransportError) -> bool:
+    try:
+        exc.request  # noqa: B018 - raises RuntimeError when unset
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    """Up to :data:`ERROR_BODY_LIMIT` bytes of a (small, informational) response body."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= ERROR_BODY_LIMIT:
+            break
+    return b"".join(chunks)[:ERROR_BODY_LIMIT]
+
+
+async def _discard(response: httpx.Response) -> None:
+    """Read a small body to its end (so the connection can be reused), then close it."""
+    await _read_capped(response)
+    await _close(response)
+
+
+async def _close(response: httpx.Response) -> None:
+    with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+        with suppress(httpx.TransportError):
+            await response.aclose()

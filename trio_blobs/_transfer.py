@@ -1,0 +1,198 @@
+"""What downloads and uploads share: argument checks, the task tree, retries, progress."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+import httpx
+import trio
+
+from ._digest import Blob
+from ._exceptions import TransferError
+from ._monitor import Monitor, RateHistory, Watch
+from ._protocol import check_base_url, check_repository
+from ._retry import AttemptBudget, RetryPolicy
+from ._session import CLEANUP_TIMEOUT, Credentials, GetToken, RegistrySession
+
+ProgressCallback = Callable[[int, int], object]
+"""``progress(completed, total)``, called with byte counts as a transfer advances."""
+
+DEFAULT_LOGGER = logging.getLogger("trio_blobs")
+
+
+def check_blobs(blobs: Iterable[Blob]) -> list[Blob]:
+    """The blobs to transfer, each digest once; raises on anything that is not a :class:`Blob`."""
+    if isinstance(blobs, Blob | str | bytes):
+        raise TypeError("blobs must be an iterable of Blob, not a single value")
+    unique: dict[str, Blob] = {}
+    for blob in blobs:
+        if not isinstance(blob, Blob):
+            raise TypeError(f"blobs must contain Blob objects, got {blob!r}")
+        seen = unique.setdefault(blob.digest, blob)
+        if seen.size != blob.size:
+            raise ValueError(f"{blob.digest} is listed with two sizes: {seen.size} and {blob.size}")
+    return list(unique.values())
+
+
+def check_options(*, concurrency: int, stall_timeout: float) -> None:
+    """Raise :class:`ValueError` for option values no transfer can run with."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
+        raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
+
+
+class Progress:
+    """Byte counts reported to the caller's callback; failed attempts roll theirs back."""
+
+    def __init__(self, callback: ProgressCallback | None, *, total: int) -> None:
+        self._callback = callback
+        self.total = total
+        self.completed = 0
+
+    def add(self, nbytes: int) -> None:
+        """Count ``nbytes`` more (negative to roll back) and tell the caller."""
+        self.completed += nbytes
+        if self._callback is not None:
+            self._callback(self.completed, self.total)
+
+
+class Transfer:
+    """One ``download`` or ``upload`` call: its session, limits, monitor and progress."""
+
+    def __init__(
+        self,
+        *,
+        session: RegistrySession,
+        concurrency: int,
+        stall_timeout: float,
+        retry: RetryPolicy,
+        progress: Progress,
+    ) -> None:
+        self.session = session
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
+        self.retry = retry
+        self.progress = progress
+        self.logger = session.logger
+
+    async def run_each(self, blobs: Sequence[Blob], one: Callable[[Blob], Awaitable[None]]) -> None:
+        """Run ``one(blob)`` for every blob in parallel, under the monitor.
+
+        The first :class:`TransferError` cancels the rest and is raised alone; a single other
+        exception (a bug, ``KeyboardInterrupt``, ``Cancelled``) comes out unwrapped.
+        """
+        errors: list[TransferError] = []
+
+        async def guarded(blob: Blob, cancel_scope: trio.CancelScope) -> None:
+            try:
+                await one(blob)
+            except TransferError as exc:
+                errors.append(exc)
+                cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self.monitor.run)
+                async with trio.open_nursery() as nursery:
+                    for blob in blobs:
+                        nursery.start_soon(guarded, blob, nursery.cancel_scope)
+                outer.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        if errors:
+            raise errors[0]
+
+    async def with_retries(self, blob: Blob, attempt: Callable[[Watch], Awaitable[None]]) -> None:
+        """Run ``attempt(watch)`` until it succeeds, retrying as the retry policy allows."""
+        budget = AttemptBudget(self.retry)
+        while True:
+            try:
+                async with self.limiter:
+                    with self.monitor.watch() as watch:
+                        await attempt(watch)
+                error = watch.error(
+                    stall_timeout=self.monitor.stall_timeout, digest=blob.digest, url=None
+                )
+                if error is None:
+                    self.monitor.history.add(blob.size, trio.current_time() - watch.started)
+                    return
+                raise error
+            except TransferError as exc:
+                if exc.digest is None:
+                    exc.digest = blob.digest
+                delay = budget.after_failure(exc)
+                self.logger.info(
+                    "attempt %d for %s failed, retrying in %.2f s: %s",
+                    budget.attempts,
+                    blob.digest,
+                    delay,
+                    exc,
+                )
+                await trio.sleep(delay)
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """A KeyboardInterrupt or lone exception from ``group``, else the group itself."""
+    leaves = list(_leaves(group))
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return leaf
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def default_client(concurrency: int) -> httpx.AsyncClient:
+    """The client a transfer uses when the caller gives none: no timeouts of its own (the
+    monitor handles stalls), no automatic redirects, a keep-alive pool sized for speed."""
+    return httpx.AsyncClient(
+        timeout=None,
+        follow_redirects=False,
+        limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=min(concurrency, 16)
+        ),
+    )
+
+
+@asynccontextmanager
+async def open_session(
+    *,
+    client: httpx.AsyncClient | None,
+    base_url: str,
+    repository: str,
+    concurrency: int,
+    token: str | None,
+    get_token: GetToken | None,
+    user_agent: str | None,
+    logger: logging.Logger | None,
+    actions: str,
+) -> AsyncIterator[RegistrySession]:
+    """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
+    url = check_base_url(base_url)
+    check_repository(repository)
+    own = None
+    if client is None:
+        client = own = default_client(concurrency)
+    try:
+        yield RegistrySession(
+            client=client,
+            base_url=url,
+            repository=repository,
+            credentials=Credentials(token=token, get_token=get_token),
+            user_agent=user_agent,
+            logger=logger or DEFAULT_LOGGER,
+            actions=actions,
+        )
+    finally:
+        if own is not None:
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                await own.aclose()

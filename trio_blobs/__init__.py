@@ -19,6 +19,7 @@ from ._exceptions import (
     TransferError,
 )
 from ._retry import RetryPolicy
+from ._upload import UploadResult, upload
 
 __all__ = [
     "AuthChallenge",
@@ -35,10 +36,12 @@ __all__ = [
     "SlowTransferError",
     "StallError",
     "TransferError",
+    "UploadResult",
     "digest_to_path",
     "download",
     "parse_auth_challenge",
     "path_to_digest",
+    "upload",
 ]
 
 # Public classes say ``trio_blobs.X`` in reprs and tracebacks, not the private module.

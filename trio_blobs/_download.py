@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from ._digest import Blob, new_hasher
-from ._exceptions import IntegrityError, LocalFileError
+from ._exceptions import IntegrityError
 from ._monitor import Watch
 from ._retry import RetryPolicy
 from ._session import GetToken
@@ -23,6 +22,7 @@ from ._transfer import (
     Transfer,
     check_blobs,
     check_options,
+    local_file_errors,
     open_session,
 )
 
@@ -112,12 +112,12 @@ async def download(
 
 def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
     """Create ``dest`` if needed; return the digests of blobs already there with the right size."""
-    with _local_errors(None, dest):
+    with local_file_errors(None, dest):
         dest.mkdir(parents=True, exist_ok=True)
     present = set()
     for blob in blobs:
         path = dest / blob.file_name
-        with _local_errors(blob.digest, path):
+        with local_file_errors(blob.digest, path):
             try:
                 if path.stat().st_size == blob.size:
                     present.add(blob.digest)
@@ -167,15 +167,6 @@ def _check_headers(blob: Blob, response: httpx.Response) -> None:
         )
 
 
-@contextmanager
-def _local_errors(digest: str | None, path: Path) -> Iterator[None]:
-    """Report an :class:`OSError` on ``path`` as what it is: a local file problem."""
-    try:
-        yield
-    except OSError as exc:
-        raise LocalFileError(f"cannot write {path}: {exc.strerror or exc}", digest=digest) from exc
-
-
 class _PartialFile:
     """A blob being written: a hidden temporary file beside its final name, hashed as it grows.
 
@@ -188,7 +179,7 @@ class _PartialFile:
         self._final = dest / blob.file_name
         self._hasher = new_hasher(blob.digest)
         self._received = 0
-        with _local_errors(blob.digest, dest):
+        with local_file_errors(blob.digest, dest):
             fd, name = tempfile.mkstemp(dir=dest, prefix=f".{blob.file_name}.", suffix=".partial")
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb")
@@ -208,7 +199,7 @@ class _PartialFile:
                 f"body is longer than the blob's {self._blob.size} bytes", digest=self._blob.digest
             )
         self._hasher.update(chunk)
-        with _local_errors(self._blob.digest, self._path):
+        with local_file_errors(self._blob.digest, self._path):
             self._file.write(chunk)
         self._received += len(chunk)
 
@@ -223,6 +214,6 @@ class _PartialFile:
         actual = f"{algorithm}:{self._hasher.hexdigest()}"
         if actual != blob.digest:
             raise IntegrityError(f"content has digest {actual}", digest=blob.digest)
-        with _local_errors(blob.digest, self._path):
+        with local_file_errors(blob.digest, self._path):
             self._file.close()
             os.replace(self._path, self._final)

@@ -7,7 +7,14 @@ This is the one place where httpx errors become :class:`TransferError` and where
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+)
 from contextlib import asynccontextmanager, suppress
 from importlib.metadata import PackageNotFoundError, version
 
@@ -35,6 +42,10 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     _VERSION = "0"
 DEFAULT_USER_AGENT = f"trio-blobs/{_VERSION}"
+
+Body = bytes | Callable[[], AsyncIterable[bytes]] | None
+"""A request body: bytes, or a function that makes a fresh stream each time the request is
+sent again (after a redirect or a token refresh)."""
 
 
 class Credentials:
@@ -109,6 +120,7 @@ class RegistrySession:
         digest: str | None,
         what: str,
         headers: Mapping[str, str] | None = None,
+        body: Body = None,
     ) -> AsyncIterator[httpx.Response]:
         """Send a request, follow redirects and auth challenges, yield the final response.
 
@@ -118,7 +130,9 @@ class RegistrySession:
         """
         response: httpx.Response | None = None
         try:
-            response, refreshed = await self._send(method, url, digest=digest, headers=headers)
+            response, refreshed = await self._send(
+                method, url, digest=digest, headers=headers, body=body
+            )
             if response.status_code not in expect:
                 body = await _read_capped(response)
                 error = error_for_response(response, body, digest=digest, what=what)
@@ -141,6 +155,25 @@ class RegistrySession:
             if response is not None:
                 await _close(response)
 
+    async def request(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        expect: Collection[int],
+        digest: str | None,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        body: Body = None,
+    ) -> httpx.Response:
+        """Like :meth:`stream`, for small answers: the response comes back with its body read,
+        so its connection goes back to the pool."""
+        async with self.stream(
+            method, url, expect=expect, digest=digest, what=what, headers=headers, body=body
+        ) as response:
+            await response.aread()
+        return response
+
     async def _send(
         self,
         method: str,
@@ -148,6 +181,7 @@ class RegistrySession:
         *,
         digest: str | None,
         headers: Mapping[str, str] | None,
+        body: Body,
     ) -> tuple[httpx.Response, bool]:
         """The first response that is not a redirect or a resolvable 401, and whether a token
         refresh was tried on the way."""
@@ -157,7 +191,10 @@ class RegistrySession:
             send_auth = same_origin(url, self.base_url)
             generation = self.credentials.generation
             request = self.client.build_request(
-                method, url, headers=self._headers(send_auth, headers)
+                method,
+                url,
+                headers=self._headers(send_auth, headers),
+                content=body() if callable(body) else body,
             )
             response = await self.client.send(request, stream=True, follow_redirects=False)
             status = response.status_code
@@ -180,7 +217,7 @@ class RegistrySession:
                 )
             url = redirect_target(url, response)
             if status == 303:
-                method = "GET"
+                method, body = "GET", None
 
     def _headers(self, send_auth: bool, extra: Mapping[str, str] | None) -> dict[str, str]:
         headers = {"user-agent": self._user_agent}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import httpx
 import trio
 
 from ._digest import Blob
-from ._exceptions import TransferError
+from ._exceptions import LocalFileError, TransferError
 from ._monitor import Monitor, RateHistory, Watch
 from ._protocol import check_base_url, check_repository
 from ._retry import AttemptBudget, RetryPolicy
@@ -36,10 +37,24 @@ def check_blobs(blobs: Iterable[Blob]) -> list[Blob]:
     return list(unique.values())
 
 
+@contextmanager
+def local_file_errors(digest: str | None, path: Path) -> Iterator[None]:
+    """Report an :class:`OSError` on ``path`` as what it is: a local file problem, not retried."""
+    try:
+        yield
+    except OSError as exc:
+        raise LocalFileError(f"{path}: {exc.strerror or exc}", digest=digest) from exc
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """Raise :class:`ValueError` unless ``value`` is an int of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def check_options(*, concurrency: int, stall_timeout: float) -> None:
     """Raise :class:`ValueError` for option values no transfer can run with."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    check_int("concurrency", concurrency)
     if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
         raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
 
@@ -105,19 +120,29 @@ class Transfer:
         if errors:
             raise errors[0]
 
-    async def with_retries(self, blob: Blob, attempt: Callable[[Watch], Awaitable[None]]) -> None:
-        """Run ``attempt(watch)`` until it succeeds, retrying as the retry policy allows."""
+    async def with_retries(
+        self,
+        blob: Blob,
+        attempt: Callable[[Watch], Awaitable[None]],
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        """Run ``attempt(watch)`` until it succeeds, retrying as the retry policy allows.
+
+        Each attempt holds ``limiter`` (the transfer's own by default) and runs under the monitor;
+        the bytes it reports to its watch feed the median rate that slow attempts are judged by.
+        """
         budget = AttemptBudget(self.retry)
         while True:
             try:
-                async with self.limiter:
+                async with limiter or self.limiter:
                     with self.monitor.watch() as watch:
                         await attempt(watch)
                 error = watch.error(
                     stall_timeout=self.monitor.stall_timeout, digest=blob.digest, url=None
                 )
                 if error is None:
-                    self.monitor.history.add(blob.size, trio.current_time() - watch.started)
+                    self.monitor.history.add(watch.transferred, trio.current_time() - watch.started)
                     return
                 raise error
             except TransferError as exc:

@@ -1,0 +1,168 @@
+"""What the benchmarks share: workloads, a registry to run against, and the result table."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import multiprocessing
+import multiprocessing.connection
+import random
+import re
+import resource
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+
+from trio_blobs import Blob
+from trio_blobs._transfer import default_client
+
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 10**6}
+DEFAULT_WORKLOADS = ("1000x64KiB", "4x128MiB")
+_PIECE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``count`` random blobs of ``size`` bytes."""
+
+    count: int
+    size: int
+    label: str
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """``1000x64KiB`` -> 1000 blobs of 65536 bytes."""
+        match = re.fullmatch(r"(\d+)x(\d+)([a-zA-Z]*)", text.strip())
+        if not match or match[3].lower() not in _UNITS:
+            raise argparse.ArgumentTypeError(
+                f"expected COUNTxSIZE such as 1000x64KiB, got {text!r}"
+            )
+        return cls(int(match[1]), int(match[2]) * _UNITS[match[3].lower()], text)
+
+    def write(self, directory: Path, seed: int) -> list[Blob]:
+        """Create the workload's blobs as ``sha256-<hex>`` files in ``directory``, a MiB at a
+        time so that making them does not inflate the benchmark's peak memory."""
+        rng = random.Random(seed)
+        blobs = []
+        for _ in range(self.count):
+            hasher = hashlib.sha256()
+            temporary = directory / "blob.partial"
+            with temporary.open("wb") as file:
+                for start in range(0, self.size, _PIECE):
+                    piece = rng.randbytes(min(_PIECE, self.size - start))
+                    hasher.update(piece)
+                    file.write(piece)
+            blob = Blob(f"sha256:{hasher.hexdigest()}", self.size)
+            temporary.rename(directory / blob.file_name)
+            blobs.append(blob)
+        return blobs
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "-w",
+        "--workload",
+        type=Workload.parse,
+        action="append",
+        help=f"COUNTxSIZE, repeatable (default: {' and '.join(DEFAULT_WORKLOADS)})",
+    )
+    p.add_argument("--url", help="registry base URL (default: start the in-process registry)")
+    p.add_argument("--concurrency", type=int, default=None, help="default: the library's")
+    p.add_argument("--runs", type=int, default=3, help="counted runs after a warm-up (default 3)")
+    return p
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    return args.workload or [Workload.parse(w) for w in DEFAULT_WORKLOADS]
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    """Child process: an empty in-process registry on a loopback port."""
+    from trio_blobs.testing import Registry
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            conn.send(await nursery.start(Registry().serve))
+
+    trio.run(main)
+
+
+@contextlib.contextmanager
+def registry_url(url: str | None) -> Iterator[str]:
+    """``url``, or the address of an in-process registry run in a child process meanwhile, so
+    that it has a core of its own as a real registry would."""
+    if url:
+        yield url
+        return
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
+    server.start()
+    try:
+        yield parent.recv()
+    finally:
+        server.terminate()
+        server.join()
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu_seconds: float
+    requests: int
+
+
+async def measure(
+    concurrency: int, transfer: Callable[[httpx.AsyncClient], Awaitable[object]]
+) -> Run:
+    """Time one transfer through a client like the library's own, counting its requests."""
+    requests = 0
+
+    async def count(request: httpx.Request) -> None:
+        nonlocal requests
+        requests += 1
+
+    async with default_client(concurrency) as client:
+        client.event_hooks["request"].append(count)
+        cpu, start = time.process_time(), time.perf_counter()
+        await transfer(client)
+        return Run(time.perf_counter() - start, time.process_time() - cpu, requests)
+
+
+_COLUMNS = (
+    ("workload", 12),
+    ("MB/s", 9),
+    ("blobs/s", 9),
+    ("req/blob", 9),
+    ("CPU ms/blob", 12),
+    ("peak RSS MB", 12),
+)
+
+
+def print_header(title: str) -> None:
+    print(title)
+    print(" ".join(f"{name:>{width}}" for name, width in _COLUMNS))
+
+
+def print_row(workload: Workload, runs: list[Run]) -> None:
+    """The median run (by wall time) of ``runs``; peak RSS is the process's so far."""
+    run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    total = workload.count * workload.size
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    values = (
+        workload.label,
+        f"{total / run.seconds / 1e6:.1f}",
+        f"{workload.count / run.seconds:.0f}",
+        f"{run.requests / workload.count:.2f}",
+        f"{run.cpu_seconds * 1000 / workload.count:.3f}",
+        f"{rss_mb:.1f}",
+    )
+    print(" ".join(f"{v:>{w}}" for v, (_, w) in zip(values, _COLUMNS, strict=True)), flush=True)

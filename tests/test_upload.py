@@ -1,0 +1,641 @@
+"""upload(): behaviour against the in-process registry, in memory and over loopback."""
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from trio_blobs import (
+    AuthChallenge,
+    Blob,
+    IntegrityError,
+    LocalFileError,
+    RegistryError,
+    RetriesExhaustedError,
+    UploadResult,
+    upload,
+)
+from trio_blobs._upload import _with_digest
+from trio_blobs.testing import Fault, Registry
+
+from ._helpers import BASE_URL, CountingTransport, went_backwards
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def write_blobs(src: Path, *sizes: int) -> list[Blob]:
+    """Random blobs of the given sizes, as files in ``src``."""
+    blobs = []
+    for size in sizes:
+        data = os.urandom(size)
+        blob = Blob.from_bytes(data)
+        (src / blob.file_name).write_bytes(data)
+        blobs.append(blob)
+    return blobs
+
+
+def requests_of(registry: Registry, method: str, part: str = "") -> list[str]:
+    return [r.url for r in registry.requests if r.method == method and part in r.url]
+
+
+def assert_stored(
+    registry: Registry, src: Path, blobs: list[Blob], repo: str = "library/_"
+) -> None:
+    for blob in blobs:
+        assert registry.blobs[repo][blob.digest] == (src / blob.file_name).read_bytes()
+
+
+def image_manifest(blobs: list[Blob], media_type: str | None = OCI_MANIFEST) -> bytes:
+    config, *layers = blobs
+    document: dict[str, object] = {
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/json", "digest": config.digest, "size": config.size},
+        "layers": [
+            {"mediaType": "application/octet-stream", "digest": b.digest, "size": b.size}
+            for b in layers
+        ],
+    }
+    if media_type is not None:
+        document["mediaType"] = media_type
+    return json.dumps(document, indent=1).encode()
+
+
+# -- 1. sources checked before anything is sent ---------------------------------------------
+
+
+async def test_a_missing_or_wrong_sized_source_fails_before_any_request(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    good, short = write_blobs(tmp_path, 10, 20)
+    (tmp_path / short.file_name).write_bytes(b"x")
+    with pytest.raises(LocalFileError, match=short.file_name) as caught:
+        await upload([good, short], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert caught.value.digest == short.digest
+    missing = Blob.from_bytes(b"nowhere")
+    with pytest.raises(LocalFileError, match=missing.file_name):
+        await upload([good, missing], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert registry.requests == []
+
+
+# -- 2. existence checks first, with their own limit ---------------------------------------
+
+
+async def test_present_blobs_are_skipped_after_a_head(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    present, new = write_blobs(tmp_path, 100, 200)
+    registry.add_blob((tmp_path / present.file_name).read_bytes())
+    calls: list[tuple[int, int]] = []
+    result = await upload(
+        [present, new],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert result == UploadResult(
+        uploaded=(new.digest,), skipped=(present.digest,), mounted=(), manifest_digest=None
+    )
+    assert len(requests_of(registry, "HEAD")) == 2
+    assert len(requests_of(registry, "POST")) == 1
+    assert calls[0] == (100, 300)
+    assert calls[-1] == (300, 300)
+    assert_stored(registry, tmp_path, [present, new])
+
+
+async def test_existence_checks_run_wide_with_their_own_limit(
+    registry: Registry, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    blobs = write_blobs(tmp_path, *[10] * 300)
+    for blob in blobs:
+        registry.add_blob((tmp_path / blob.file_name).read_bytes())
+    registry.add_fault(Fault(method="HEAD", delay=1.0, times=None))
+    transport = CountingTransport(registry.transport())
+    async with httpx.AsyncClient(transport=transport) as client:
+        result = await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert transport.peak == 128
+    assert len(result.skipped) == 300
+
+
+# -- 3. cross-repository mount --------------------------------------------------------------
+
+
+async def test_mount_answered_201_sends_no_body(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 5000)
+    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    mountable = Blob(blob.digest, blob.size, mount_from="models/base")
+    result = await upload([mountable], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert result.mounted == (blob.digest,)
+    assert result.uploaded == ()
+    [post] = [r for r in registry.requests if r.method == "POST"]
+    assert post.url.endswith(f"/blobs/uploads/?mount={blob.digest}&from=models/base")
+    assert [r.method for r in registry.requests] == ["HEAD", "POST"]
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_mount_answered_202_uploads_into_the_offered_session(
+    tmp_path: Path,
+) -> None:
+    registry = Registry(mount=False)
+    [blob] = write_blobs(tmp_path, 5000)
+    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        result = await upload(
+            [Blob(blob.digest, blob.size, mount_from="models/base")],
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+        )
+    assert result.uploaded == (blob.digest,)
+    assert result.mounted == ()
+    assert [r.method for r in registry.requests] == ["HEAD", "POST", "PUT"]
+    assert_stored(registry, tmp_path, [blob])
+
+
+# -- 4. monolithic push: POST, then PUT to the Location with its query kept ------------------
+
+
+class BodyChunkTransport(httpx.AsyncBaseTransport):
+    """Records the largest piece a request body was streamed in."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.largest = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        stream = request.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for piece in stream:
+                self.largest = max(self.largest, len(piece))
+                yield piece
+
+        forwarded = httpx.Request(
+            request.method, request.url, headers=request.headers, stream=_Stream(pieces())
+        )
+        return await self.inner.handle_async_request(forwarded)
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self.source = source
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self.source:
+            yield piece
+
+
+async def test_monolithic_push_streams_the_file_in_bounded_pieces(
+    registry: Registry, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 5_000_000)
+    transport = BodyChunkTransport(registry.transport())
+    async with httpx.AsyncClient(transport=transport) as client:
+        result = await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert result.uploaded == (blob.digest,)
+    assert [r.method for r in registry.requests] == ["HEAD", "POST", "PUT"]
+    put = registry.requests[-1]
+    assert "_state=" in put.url  # the Location's own query is kept
+    assert put.url.endswith(f"&digest={blob.digest}")
+    assert put.headers["content-length"] == str(blob.size)
+    assert 0 < transport.largest <= 1024 * 1024
+    assert_stored(registry, tmp_path, [blob])
+
+
+@pytest.mark.parametrize(
+    ("location", "url"),
+    [
+        (
+            "http://r.test/v2/a/blobs/uploads/u",
+            "http://r.test/v2/a/blobs/uploads/u?digest=sha256:0",
+        ),
+        (
+            "http://r.test/v2/a/blobs/uploads/u?_state=a%2Bb%3D&x=1",
+            "http://r.test/v2/a/blobs/uploads/u?_state=a%2Bb%3D&x=1&digest=sha256:0",
+        ),
+        (
+            "https://s3.test/bucket/k?X-Amz-Signature=ab%2F&X-Amz-Date=1",
+            "https://s3.test/bucket/k?X-Amz-Signature=ab%2F&X-Amz-Date=1&digest=sha256:0",
+        ),
+    ],
+)
+def test_digest_is_added_to_the_location_query_as_it_is(location: str, url: str) -> None:
+    assert str(_with_digest(httpx.URL(location), "sha256:0")) == url
+
+
+# -- 5. chunked push --------------------------------------------------------------------------
+
+
+async def test_chunked_push_when_asked(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 2_500_000, 0)
+    result = await upload(
+        blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=1_000_000
+    )
+    assert result.uploaded == tuple(b.digest for b in blobs)
+    patches = [r for r in registry.requests if r.method == "PATCH"]
+    assert sorted(r.headers["content-range"] for r in patches) == [
+        "0-999999",
+        "1000000-1999999",
+        "2000000-2499999",
+    ]
+    assert all(r.headers["content-type"] == "application/octet-stream" for r in patches)
+    assert all(r.body_size == 0 for r in registry.requests if r.method == "PUT")
+    assert_stored(registry, tmp_path, blobs)
+
+
+async def test_chunked_push_above_the_threshold(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    small, large = write_blobs(tmp_path, 1000, 3000)
+    await upload(
+        [small, large], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_threshold=2000
+    )
+    assert len(requests_of(registry, "PATCH")) == 1
+    [patch] = [r for r in registry.requests if r.method == "PATCH"]
+    assert patch.body_size == 3000
+    assert_stored(registry, tmp_path, [small, large])
+
+
+async def test_chunked_push_when_the_registry_asks_for_a_minimum_chunk(tmp_path: Path) -> None:
+    registry = Registry(chunk_min_length=3_000_000)
+    [blob] = write_blobs(tmp_path, 7_000_000)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=1000)
+    sizes = [r.body_size for r in registry.requests if r.method == "PATCH"]
+    assert sizes == [3_000_000, 3_000_000, 1_000_000]
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_chunked_push_recovers_from_416(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    registry.add_fault(Fault(method="PATCH", times=1))  # the first chunk goes through as usual
+    registry.add_fault(Fault(method="PATCH", status=416, times=1))  # the second is refused once
+    calls: list[tuple[int, int]] = []
+    await upload(
+        [blob],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        chunk_size=1_000_000,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    methods = [r.method for r in registry.requests]
+    assert methods == ["HEAD", "POST", "PATCH", "PATCH", "GET", "PATCH", "PATCH", "PUT"]
+    assert all(0 <= done <= total for done, total in calls)
+    assert calls[-1] == (3_000_000, 3_000_000)
+    assert_stored(registry, tmp_path, [blob])
+
+
+class PatchAnswers201(httpx.AsyncBaseTransport):
+    """A registry that answers PATCH with 201 and a stale Range, as some do."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method != "PATCH":
+            return response
+        await response.aread()
+        headers = httpx.Headers(response.headers)
+        headers["range"] = "0-0"
+        return httpx.Response(201, headers=headers, stream=httpx.ByteStream(response.content))
+
+
+async def test_chunked_push_tolerates_201_on_patch(registry: Registry, tmp_path: Path) -> None:
+    [blob] = write_blobs(tmp_path, 2_000_000)
+    async with httpx.AsyncClient(transport=PatchAnswers201(registry.transport())) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=700_000)
+    assert len(requests_of(registry, "PATCH")) == 3
+    assert_stored(registry, tmp_path, [blob])
+
+
+# -- 6. a 307 on PUT sends the body on, without Authorization to another origin --------------
+
+
+class RedirectPuts(httpx.AsyncBaseTransport):
+    """Answers every PUT to the registry with a 307 to the same path on a storage origin."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, storage: str) -> None:
+        self.inner = inner
+        self.storage = storage
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method in ("PUT", "PATCH") and request.url.host == "registry.test":
+            await request.aread()
+            target = f"{self.storage}{request.url.raw_path.decode()}"
+            return httpx.Response(307, headers={"location": target}, stream=httpx.ByteStream(b""))
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 400_000])
+async def test_307_sends_the_body_to_storage_without_the_token(
+    registry: Registry, tmp_path: Path, chunk_size: int | None
+) -> None:
+    [blob] = write_blobs(tmp_path, 1_000_000)
+    transport = RedirectPuts(registry.transport(), "http://storage.test")
+    async with httpx.AsyncClient(transport=transport) as client:
+        await upload(
+            [blob],
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            token="s3cret",
+            chunk_size=chunk_size,
+        )
+    stored = [r for r in registry.requests if r.url.startswith("http://storage.test/")]
+    assert stored, "the body went to the storage origin"
+    assert all("authorization" not in r.headers for r in stored)
+    assert sum(r.body_size for r in stored) == blob.size
+    assert all(
+        r.headers["authorization"] == "Bearer s3cret"
+        for r in registry.requests
+        if r.url.startswith(BASE_URL)
+    )
+    assert_stored(registry, tmp_path, [blob])
+
+
+# -- 7. the source is hashed as it streams ---------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [None, 300_000])
+async def test_a_changed_source_is_never_committed(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, chunk_size: int | None
+) -> None:
+    [blob] = write_blobs(tmp_path, 1_000_000)
+    path = tmp_path / blob.file_name
+    path.write_bytes(b"\0" * blob.size)  # same size, other bytes
+    with pytest.raises(LocalFileError, match="changed or is corrupt") as caught:
+        await upload(
+            [blob], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=chunk_size
+        )
+    assert caught.value.digest == blob.digest
+    assert blob.digest not in registry.blobs.get("library/_", {})
+    assert requests_of(registry, "DELETE")  # the session was abandoned
+    assert len(requests_of(registry, "POST")) == 1  # and not retried
+    assert not [r for r in registry.requests if r.method == "PUT" and r.body_size == blob.size]
+
+
+# -- 8. retries, stalls, progress roll-back, cancellation, auth ------------------------------
+
+
+async def test_a_put_failing_twice_is_retried_and_each_session_abandoned(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 300_000)
+    registry.add_fault(Fault(method="PUT", status=500, times=2))
+    calls: list[tuple[int, int]] = []
+    result = await upload(
+        [blob],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert result.uploaded == (blob.digest,)
+    assert len(requests_of(registry, "POST")) == 3
+    assert len(requests_of(registry, "DELETE")) == 2
+    assert all(0 <= done <= total == blob.size for done, total in calls)
+    assert went_backwards(calls)
+    assert calls[-1] == (blob.size, blob.size)
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_permanent_errors_fail_the_upload_at_once(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 1000)
+    registry.add_fault(Fault(method="POST", status=403, times=None))
+    with pytest.raises(RegistryError, match="403") as caught:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert caught.value.digest == blob.digest
+    assert len(requests_of(registry, "POST")) == 1
+
+
+async def test_an_upload_that_stops_flowing_is_cancelled_and_retried(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = write_blobs(tmp_path, 200_000)
+    registry.add_fault(Fault(method="PUT", delay=1e6, times=1))
+    start = trio.current_time()
+    await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, stall_timeout=4)
+    assert 4 <= trio.current_time() - start <= 5
+    assert len(requests_of(registry, "PUT")) == 2
+    assert len(requests_of(registry, "DELETE")) == 1
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_cancelling_an_upload_returns_and_abandons_the_session(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    blobs = write_blobs(tmp_path, *[100_000] * 4)
+    registry.add_fault(Fault(method="PATCH", delay=1e6, times=None))
+    with trio.move_on_after(3) as scope:
+        await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=60_000)
+    assert scope.cancelled_caught
+    assert len(requests_of(registry, "DELETE")) == 4
+    assert registry.blobs.get("library/_", {}) == {}
+
+
+async def test_push_asks_for_a_pull_and_push_token(tmp_path: Path) -> None:
+    registry = Registry(token="t1")
+    blobs = write_blobs(tmp_path, *[100] * 20)
+    challenges: list[AuthChallenge] = []
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        challenges.append(challenge)
+        assert registry.token is not None
+        return registry.token
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, get_token=get_token)
+    assert len(challenges) == 1
+    assert challenges[0].scope is not None
+    assert challenges[0].scope.endswith(":pull,push") or challenges[0].scope.endswith(":pull")
+    assert_stored(registry, tmp_path, blobs)
+
+
+# -- 9. the manifest, after every blob ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("declared", "given", "sent"),
+    [
+        (OCI_MANIFEST, None, OCI_MANIFEST),
+        (None, None, "application/vnd.docker.distribution.manifest.v2+json"),
+        (OCI_MANIFEST, "application/vnd.custom+json", "application/vnd.custom+json"),
+    ],
+)
+async def test_manifest_is_pushed_last_as_given(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    declared: str | None,
+    given: str | None,
+    sent: str,
+) -> None:
+    blobs = write_blobs(tmp_path, 10, 20_000, 30_000)
+    manifest = image_manifest(blobs, declared)
+    result = await upload(
+        blobs,
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        manifest=manifest,
+        manifest_ref="v1",
+        manifest_media_type=given,
+    )
+    last = registry.requests[-1]
+    assert last.method == "PUT"
+    assert last.url == f"{BASE_URL}/v2/library/_/manifests/v1"
+    assert last.headers["content-type"] == sent
+    assert registry.manifests["library/_"]["v1"] == (manifest, sent)
+    assert result.manifest_digest == Blob.from_bytes(manifest).digest
+
+
+async def test_manifest_ref_defaults_to_its_digest(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10, 20)
+    manifest = image_manifest(blobs)
+    result = await upload(
+        blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, manifest=manifest
+    )
+    assert result.manifest_digest is not None
+    assert registry.requests[-1].url.endswith(f"/manifests/{result.manifest_digest}")
+
+
+async def test_no_manifest_when_a_blob_fails(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10, 20)
+    registry.add_fault(Fault(method="POST", status=400, times=1))
+    with pytest.raises(RegistryError):
+        await upload(
+            blobs,
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            manifest=image_manifest(blobs),
+            concurrency=1,
+        )
+    assert requests_of(registry, "PUT", "/manifests/") == []
+
+
+async def test_a_wrong_manifest_digest_from_the_registry_is_an_error(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    blobs = write_blobs(tmp_path, 10, 20)
+    registry.add_fault(
+        Fault(
+            method="PUT",
+            path="/manifests/",
+            status=201,
+            headers={"docker-content-digest": "sha256:" + "0" * 64},
+            times=None,
+        )
+    )
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await upload(
+            blobs,
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            manifest=image_manifest(blobs),
+        )
+    assert isinstance(caught.value.last_error, IntegrityError)
+
+
+async def test_a_manifest_with_unknown_blobs_is_refused_by_the_registry(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10, 20)
+    manifest = image_manifest([*blobs, Blob.from_bytes(b"never pushed")])
+    with pytest.raises(RegistryError, match="MANIFEST_BLOB_UNKNOWN"):
+        await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, manifest=manifest)
+
+
+# -- 10. nothing to do ----------------------------------------------------------------------
+
+
+async def test_nothing_to_do_returns_at_once(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    result = await upload([], base_url=BASE_URL, src_dir=tmp_path / "nowhere", client=client)
+    assert result == UploadResult((), (), (), None)
+    assert registry.requests == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"manifest_ref": "v1"}, ValueError, "need a manifest"),
+        ({"manifest": b"{}", "manifest_ref": "bad/tag"}, ValueError, "manifest_ref"),
+        ({"manifest": b"{}", "manifest_ref": "sha256:" + "0" * 64}, ValueError, "digest"),
+        ({"manifest": "{}"}, TypeError, "bytes"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"head_concurrency": 0}, ValueError, "head_concurrency"),
+        ({"concurrency": -1}, ValueError, "concurrency"),
+        ({"base_url": "ftp://x"}, ValueError, "base_url"),
+        ({"repository": "a//b"}, ValueError, "repository"),
+    ],
+)
+async def test_bad_arguments_fail_before_any_request(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    args: dict[str, object] = {
+        "blobs": write_blobs(tmp_path, 10),
+        "base_url": BASE_URL,
+        "src_dir": tmp_path,
+        "client": client,
+    } | kwargs
+    with pytest.raises(error, match=match):
+        await upload(**args)  # type: ignore[arg-type]
+    assert registry.requests == []
+
+
+# -- over real sockets ----------------------------------------------------------------------
+
+
+async def test_push_and_pull_round_trip_over_loopback(registry: Registry, tmp_path: Path) -> None:
+    from trio_blobs import download
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    blobs = write_blobs(src, 0, 1, 100_000, 3_000_000)
+    manifest = image_manifest(blobs)
+    async with registry.serving() as base_url:
+        pushed = await upload(
+            blobs, base_url=base_url, src_dir=src, manifest=manifest, manifest_ref="latest"
+        )
+        pulled = await download(blobs, base_url=base_url, dest_dir=dest)
+    assert set(pushed.uploaded) == set(pulled.downloaded) == {b.digest for b in blobs}
+    for blob in blobs:
+        assert (dest / blob.file_name).read_bytes() == (src / blob.file_name).read_bytes()
+    assert registry.manifests["library/_"]["latest"][0] == manifest

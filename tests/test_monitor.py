@@ -21,10 +21,11 @@ def test_rate_history_ignores_small_transfers_and_needs_five_samples() -> None:
 def test_rate_history_keeps_the_last_thirty() -> None:
     history = RateHistory()
     for _ in range(30):
-        history.add(1_000_000, 1.0)
-    for _ in range(16):
-        history.add(1_000_000, 0.1)
-    assert history.median() == 1e7
+        history.add(1_000_000, 1.0)  # 1 MB/s
+    for _ in range(15):
+        history.add(1_000_000, 0.1)  # 10 MB/s
+    # 15 of each in the window; a 31st sample would tip the median to 1 MB/s
+    assert history.median() == 5.5e6
 
 
 async def _watched(monitor: Monitor, feed: list[tuple[float, int]]) -> str | None:

@@ -26,6 +26,7 @@ from trio_blobs._protocol import (
         ("http://r.test:5000/", "http://r.test:5001/", False),
         ("http://r.test/", "http://cdn.r.test/", False),
         ("http://R.TEST/", "http://r.test/", True),
+        ("http://r.test:8080/", "https://r.test:8080/", False),
     ],
 )
 def test_same_origin_compares_scheme_host_and_port(a: str, b: str, same: bool) -> None:
@@ -84,7 +85,7 @@ def test_error_for_response_names_status_code_and_message() -> None:
         headers={"content-type": "application/json"},
     )
     body = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
-    error = error_for_response(response, body, digest="sha256:00", what="blob")
+    error = error_for_response(response, body, digest="sha256:00", what="blob", from_storage=False)
     assert type(error) is RegistryError
     assert (error.status, error.code, error.error_message) == (
         404,
@@ -100,7 +101,9 @@ def test_error_for_response_keeps_html_out_and_reads_retry_after() -> None:
     response = httpx.Response(
         429, request=request, headers={"content-type": "text/html", "retry-after": "7"}
     )
-    error = error_for_response(response, b"<html>slow down</html>", digest=None, what="blob")
+    error = error_for_response(
+        response, b"<html>slow down</html>", digest=None, what="blob", from_storage=False
+    )
     assert "<html>" not in str(error)
     assert error.retry_after == 7.0
 
@@ -108,7 +111,8 @@ def test_error_for_response_keeps_html_out_and_reads_retry_after() -> None:
 def test_error_for_response_401_is_authentication_error() -> None:
     response = httpx.Response(401, request=httpx.Request("GET", "http://r.test/v2/"))
     assert isinstance(
-        error_for_response(response, b"", digest=None, what="blob"), AuthenticationError
+        error_for_response(response, b"", digest=None, what="blob", from_storage=False),
+        AuthenticationError,
     )
 
 
@@ -120,6 +124,8 @@ def test_error_for_response_401_is_authentication_error() -> None:
         ("Wed, 25 Nov 2026 10:00:30 GMT", 30.0),
         ("Wed, 25 Nov 2026 09:59:00 GMT", 0.0),
         ("soon", None),
+        ("²", None),
+        ("٣", None),
         ("-5", None),
         (None, None),
     ],
@@ -150,3 +156,26 @@ def test_check_base_url_rejects_non_http_urls(url: object) -> None:
 
 def test_check_base_url_drops_trailing_slash_and_query() -> None:
     assert str(check_base_url("http://127.0.0.1:5000/?x=1")) == "http://127.0.0.1:5000/"
+
+
+@pytest.mark.parametrize(
+    ("status", "from_storage", "retryable", "kind"),
+    [
+        (404, False, False, RegistryError),
+        (403, False, False, RegistryError),
+        (401, False, False, AuthenticationError),
+        (501, False, True, RegistryError),
+        (429, False, True, RegistryError),
+        # an expired presigned URL: go back to the registry for a fresh one
+        (403, True, True, RegistryError),
+        (401, True, True, RegistryError),
+        (404, True, False, RegistryError),
+    ],
+)
+def test_error_for_response_says_what_is_worth_retrying(
+    status: int, from_storage: bool, retryable: bool, kind: type[RegistryError]
+) -> None:
+    response = httpx.Response(status, request=httpx.Request("GET", "http://cdn.test/x"))
+    error = error_for_response(response, b"", digest=None, what="blob", from_storage=from_storage)
+    assert type(error) is kind
+    assert error.retryable is retryable

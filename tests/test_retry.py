@@ -23,7 +23,13 @@ D = "sha256:" + "a" * 64
 
 
 def status(code: int, retry_after: float | None = None) -> RegistryError:
-    return RegistryError(f"status {code}", status=code, retry_after=retry_after, digest=D)
+    return RegistryError(
+        f"status {code}",
+        status=code,
+        retry_after=retry_after,
+        retryable=code in (408, 429) or code >= 500,
+        digest=D,
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,7 +57,9 @@ def test_permanent_errors_fail_at_once(error: TransferError) -> None:
         status(408),
         status(429),
         status(500),
+        status(501),
         status(503),
+        status(505),
         status(599),
         ConnectionFailedError("reset", digest=D),
         IntegrityError("digest mismatch", digest=D),
@@ -78,6 +86,7 @@ def test_backoff_is_quadratic_jittered_and_capped() -> None:
             delay = policy.backoff(attempt, rng)
             assert min(0.5 * base, 2 ** (attempt - 1)) <= delay
             assert delay <= min(1.5 * base, 2 ** (attempt - 1))
+    assert len({policy.backoff(2, rng) for _ in range(20)}) == 20  # jittered, not fixed
     # the cap binds once n² x 10 ms x jitter passes 2^(n-1) s
     assert RetryPolicy(base_delay=10.0).backoff(3) == 4.0
 
@@ -93,7 +102,7 @@ def test_stalls_do_not_use_the_budget_but_ten_in_a_row_end_it() -> None:
     budget = AttemptBudget(RetryPolicy())
     stall = StallError("stalled", digest=D)
     for _ in range(9):
-        budget.after_failure(stall)
+        assert budget.after_failure(stall) > 0
     budget.after_failure(ConnectionFailedError("reset"))  # breaks the run of stalls
     for _ in range(9):
         budget.after_failure(stall)

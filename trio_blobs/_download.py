@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -113,6 +114,8 @@ async def download(
 def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
     """Create ``dest`` if needed; return the digests of blobs already there with the right size."""
     with local_file_errors(None, dest):
+        if dest.exists() and not dest.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "dest_dir is not a directory")
         dest.mkdir(parents=True, exist_ok=True)
     present = set()
     for blob in blobs:
@@ -133,9 +136,14 @@ async def _attempt(transfer: Transfer, blob: Blob, dest: Path, watch: Watch) -> 
     counted = 0
     try:
         async with session.stream(
-            "GET", url, expect=(200,), digest=blob.digest, what="blob", headers=_BLOB_HEADERS
+            "GET",
+            url,
+            expect=(200,),
+            digest=blob.digest,
+            what="blob",
+            headers=_BLOB_HEADERS,
+            watch=watch,
         ) as response:
-            watch.progress(0)
             _check_headers(blob, response)
             with _PartialFile(dest, blob) as partial:
                 async for chunk in response.aiter_raw():

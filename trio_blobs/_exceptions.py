@@ -4,9 +4,9 @@ Every failure of a transfer is a :class:`TransferError`; it names the blob (``di
 URL it concerns where there is one, and keeps the underlying error as ``__cause__``::
 
     TransferError
-    ├── RegistryError            the registry answered with a final error status
+    ├── RegistryError            the registry (or its storage) answered with an error status
     │   └── AuthenticationError  a 401 that no (new) token could resolve
-    ├── ProtocolError            a response no client should accept (bad redirect, bad headers)
+    ├── ProtocolError            a response no client should accept (bad redirect, no Location)
     ├── IntegrityError           the bytes are not the blob: wrong size or wrong digest
     ├── StallError               no bytes arrived for ``stall_timeout`` seconds
     ├── SlowTransferError        the transfer ran far below the recent median rate
@@ -53,11 +53,12 @@ class TransferError(Exception):
 
 
 class RegistryError(TransferError):
-    """The registry answered with an error status that retrying will not fix.
+    """The registry, or the storage it redirected to, answered with an error status.
 
     ``status`` is the HTTP status; ``code``, ``error_message`` and ``detail`` come from the
-    registry's JSON error body when it had one. ``retry_after`` is the delay the registry asked
-    for (seconds), if any.
+    registry's JSON error body when it had one. ``retryable`` says whether another attempt may
+    succeed (408, 429, 5xx); ``retry_after`` is the delay the registry asked for, if any. Raised
+    to the caller, it is final: retryable ones arrive as ``RetriesExhaustedError.last_error``.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class RegistryError(TransferError):
         error_message: str | None = None,
         detail: object = None,
         retry_after: float | None = None,
+        retryable: bool = False,
         digest: str | None = None,
         url: str | None = None,
     ) -> None:
@@ -78,6 +80,7 @@ class RegistryError(TransferError):
         self.error_message = error_message
         self.detail = detail
         self.retry_after = retry_after
+        self.retryable = retryable
 
 
 class AuthenticationError(RegistryError):

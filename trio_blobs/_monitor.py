@@ -45,12 +45,22 @@ class RateHistory:
 class Watch:
     """One attempt under watch: call :meth:`progress` whenever bytes (or headers) arrive."""
 
-    __slots__ = ("cancel_scope", "last_activity", "started", "transferred", "verdict")
+    __slots__ = (
+        "cancel_scope",
+        "last_activity",
+        "pauses",
+        "started",
+        "transferred",
+        "url",
+        "verdict",
+    )
 
     def __init__(self) -> None:
         self.cancel_scope = trio.CancelScope()
         self.started = self.last_activity = trio.current_time()
         self.transferred = 0
+        self.url: str | None = None  # the URL last asked for, to name in errors
+        self.pauses = 0  # while above 0, the attempt waits on something that is not the peer
         self.verdict: str | None = None  # "stall" or "slow" once tripped
 
     def progress(self, nbytes: int) -> None:
@@ -58,14 +68,28 @@ class Watch:
         self.transferred += nbytes
         self.last_activity = trio.current_time()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Not judged meanwhile (waiting for a token, say); the stall clock restarts after."""
+        self.pauses += 1
+        try:
+            yield
+        finally:
+            self.pauses -= 1
+            self.progress(0)
+
     def trip(self, verdict: str) -> None:
         """Cancel the attempt, recording why."""
         if self.verdict is None:
             self.verdict = verdict
             self.cancel_scope.cancel()
 
-    def error(self, *, stall_timeout: float, digest: str, url: str | None) -> TransferError | None:
-        """The error that describes why the monitor cut this attempt off, if it did."""
+    def error(self, *, stall_timeout: float, digest: str) -> TransferError | None:
+        """The error that describes why the monitor cut this attempt off, if it did (an
+        attempt that finished before the cancellation could reach it was not cut off)."""
+        if not self.cancel_scope.cancelled_caught:
+            return None
+        url = self.url
         if self.verdict == "stall":
             return StallError(
                 f"no data for {stall_timeout:g} s after {self.transferred} bytes",
@@ -107,6 +131,8 @@ class Monitor:
         """Trip every watch that is stalled or too slow at time ``now``."""
         median = self.history.median()
         for watch in list(self._watches):
+            if watch.pauses:
+                continue
             if now - watch.last_activity >= self.stall_timeout:
                 watch.trip("stall")
             elif median is not None and now - watch.started >= SLOW_GRACE:

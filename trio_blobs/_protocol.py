@@ -16,7 +16,7 @@ import httpx
 from ._exceptions import AuthenticationError, ProtocolError, RegistryError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+RETRYABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
 MAX_REDIRECTS = 10
 
 # Path components of a repository name: generous enough for every real registry, strict enough
@@ -76,7 +76,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]+", value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -109,11 +109,13 @@ def parse_error_body(content_type: str, body: bytes) -> tuple[str | None, str | 
 
 
 def error_for_response(
-    response: httpx.Response, body: bytes, *, digest: str | None, what: str
+    response: httpx.Response, body: bytes, *, digest: str | None, what: str, from_storage: bool
 ) -> RegistryError:
     """The error to raise for a final non-success ``response`` whose (capped) body is ``body``.
 
     ``what`` says what was asked for (``"blob"``, ``"manifest"``, ...) and starts the message.
+    408, 429 and 5xx are worth retrying; so are 401 and 403 from a storage origin the registry
+    redirected to (``from_storage``): a presigned URL that expired, to be asked for anew.
     """
     status = response.status_code
     code, error_message, detail = parse_error_body(response.headers.get("content-type", ""), body)
@@ -124,7 +126,8 @@ def error_for_response(
     text = f"{what} request failed with {status} {reason}"
     if code or error_message:
         text += ": " + ": ".join(part for part in (code, error_message) if part)
-    cls = AuthenticationError if status == 401 else RegistryError
+    retryable = status in RETRYABLE_STATUSES or (from_storage and status in (401, 403))
+    cls = AuthenticationError if status == 401 and not from_storage else RegistryError
     return cls(
         text,
         status=status,
@@ -132,6 +135,7 @@ def error_for_response(
         error_message=error_message,
         detail=detail,
         retry_after=parse_retry_after(response.headers.get("retry-after")),
+        retryable=retryable,
         digest=digest,
         url=str(response.request.url),
     )

@@ -14,7 +14,6 @@ from ._exceptions import (
     StallError,
     TransferError,
 )
-from ._protocol import RETRYABLE_STATUSES
 
 __all__ = ["RetryPolicy"]
 
@@ -52,7 +51,7 @@ class RetryPolicy:
 def is_retryable(error: TransferError) -> bool:
     """Whether another attempt may succeed where this one failed."""
     if isinstance(error, RegistryError):
-        return error.status in RETRYABLE_STATUSES
+        return error.retryable
     return isinstance(
         error, ConnectionFailedError | IntegrityError | StallError | SlowTransferError
     )

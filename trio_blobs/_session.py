@@ -15,7 +15,7 @@ from collections.abc import (
     Collection,
     Mapping,
 )
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, nullcontext, suppress
 from importlib.metadata import PackageNotFoundError, version
 
 import httpx
@@ -23,6 +23,7 @@ import trio
 
 from ._auth import AuthChallenge, parse_auth_challenge
 from ._exceptions import AuthenticationError, ConnectionFailedError, ProtocolError, TransferError
+from ._monitor import Watch
 from ._protocol import (
     MAX_REDIRECTS,
     REDIRECT_STATUSES,
@@ -35,7 +36,8 @@ GetToken = Callable[[AuthChallenge], Awaitable[str]]
 """``async get_token(challenge) -> str``: a token (or, for a Basic challenge, credentials)."""
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error or redirect body worth reading
-CLEANUP_TIMEOUT = 1.0  # seconds a shielded cleanup (closing a response) may take
+CLEANUP_TIMEOUT = 0.3  # seconds a shielded cleanup (closing a response) may take
+_NO_AUTH = httpx.Auth()  # an auth flow that adds nothing
 
 try:
     _VERSION = version("trio_blobs")
@@ -58,18 +60,17 @@ class Credentials:
     def __init__(self, *, token: str | None, get_token: GetToken | None) -> None:
         self.header = f"Bearer {token}" if token else None
         self.generation = 0
-        self.can_refresh = get_token is not None
-        self._get_token = get_token
+        self.get_token = get_token
         self._lock = trio.Lock()
 
-    async def refresh(self, rejected_generation: int, challenge: AuthChallenge) -> bool:
-        """Replace the credentials that ``rejected_generation`` used; False if impossible."""
-        if self._get_token is None:
-            return False
+    async def refresh(
+        self, get_token: GetToken, rejected_generation: int, challenge: AuthChallenge
+    ) -> None:
+        """Replace the credentials that ``rejected_generation`` used, unless done meanwhile."""
         async with self._lock:
             if self.generation == rejected_generation:
                 try:
-                    token = await self._get_token(challenge)
+                    token = await get_token(challenge)
                 except TransferError:
                     raise
                 except Exception as exc:
@@ -80,7 +81,6 @@ class Credentials:
                 scheme = "Basic" if challenge.scheme == "basic" else "Bearer"
                 self.header = f"{scheme} {token}"
                 self.generation += 1
-        return True
 
 
 class RegistrySession:
@@ -121,22 +121,29 @@ class RegistrySession:
         what: str,
         headers: Mapping[str, str] | None = None,
         body: Body = None,
+        watch: Watch | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Send a request, follow redirects and auth challenges, yield the final response.
 
         A final status outside ``expect`` raises the matching :class:`TransferError`. httpx errors
         raised here or while the caller reads the body become :class:`ConnectionFailedError`.
-        The response is closed on exit, shielded from cancellation and bounded in time.
+        Each response head and token refresh counts as activity on ``watch``. The response is
+        closed on exit, shielded from cancellation and bounded in time.
         """
         response: httpx.Response | None = None
         try:
             response, refreshed = await self._send(
-                method, url, digest=digest, headers=headers, body=body
+                method, url, digest=digest, headers=headers, body=body, watch=watch
             )
             if response.status_code not in expect:
-                body = await _read_capped(response)
-                error = error_for_response(response, body, digest=digest, what=what)
-                if response.status_code == 401:
+                error = error_for_response(
+                    response,
+                    await _read_capped(response),
+                    digest=digest,
+                    what=what,
+                    from_storage=not same_origin(response.request.url, self.base_url),
+                )
+                if isinstance(error, AuthenticationError):
                     error.message += (
                         " (the registry refused a fresh token too)"
                         if refreshed
@@ -165,11 +172,19 @@ class RegistrySession:
         what: str,
         headers: Mapping[str, str] | None = None,
         body: Body = None,
+        watch: Watch | None = None,
     ) -> httpx.Response:
         """Like :meth:`stream`, for small answers: the response comes back with its body read,
         so its connection goes back to the pool."""
         async with self.stream(
-            method, url, expect=expect, digest=digest, what=what, headers=headers, body=body
+            method,
+            url,
+            expect=expect,
+            digest=digest,
+            what=what,
+            headers=headers,
+            body=body,
+            watch=watch,
         ) as response:
             await response.aread()
         return response
@@ -182,29 +197,37 @@ class RegistrySession:
         digest: str | None,
         headers: Mapping[str, str] | None,
         body: Body,
+        watch: Watch | None,
     ) -> tuple[httpx.Response, bool]:
         """The first response that is not a redirect or a resolvable 401, and whether a token
         refresh was tried on the way."""
         refreshed = False
         hops = 0
+        get_token = self.credentials.get_token
         while True:
             send_auth = same_origin(url, self.base_url)
             generation = self.credentials.generation
             request = self.client.build_request(
-                method,
-                url,
-                headers=self._headers(send_auth, headers),
-                content=body() if callable(body) else body,
+                method, url, headers=headers, content=body() if callable(body) else body
             )
-            response = await self.client.send(request, stream=True, follow_redirects=False)
+            self._set_headers(request, send_auth)
+            if watch is not None:
+                watch.url = str(url)
+            # The client's own auth flow is never used: credentials are decided here alone.
+            response = await self.client.send(
+                request, stream=True, follow_redirects=False, auth=_NO_AUTH
+            )
+            if watch is not None:
+                watch.progress(0)
             status = response.status_code
-            if status == 401 and send_auth and not refreshed and self.credentials.can_refresh:
+            if status == 401 and send_auth and not refreshed and get_token is not None:
                 await _discard(response)
                 challenge = parse_auth_challenge(response.headers.get("www-authenticate", ""))
                 self.logger.info("fetching a token for %s (%s challenge)", url, challenge.scheme)
-                await self.credentials.refresh(
-                    generation, challenge.with_default_scope(self._default_scope)
-                )
+                with watch.paused() if watch is not None else nullcontext():
+                    await self.credentials.refresh(
+                        get_token, generation, challenge.with_default_scope(self._default_scope)
+                    )
                 refreshed = True
                 continue
             if status not in REDIRECT_STATUSES:
@@ -219,13 +242,14 @@ class RegistrySession:
             if status == 303:
                 method, body = "GET", None
 
-    def _headers(self, send_auth: bool, extra: Mapping[str, str] | None) -> dict[str, str]:
-        headers = {"user-agent": self._user_agent}
+    def _set_headers(self, request: httpx.Request, send_auth: bool) -> None:
+        """User-Agent, and ``Authorization`` for the registry's origin only: never elsewhere,
+        not even when the caller's client carries one among its default headers."""
+        request.headers["user-agent"] = self._user_agent
         if send_auth and self.credentials.header:
-            headers["authorization"] = self.credentials.header
-        if extra:
-            headers.update(extra)
-        return headers
+            request.headers["authorization"] = self.credentials.header
+        elif not send_auth:
+            request.headers.pop("authorization", None)
 
 
 def _has_request(exc: httpx.TransportError) -> bool:

@@ -60,7 +60,11 @@ def check_options(*, concurrency: int, stall_timeout: float) -> None:
 
 
 class Progress:
-    """Byte counts reported to the caller's callback; failed attempts roll theirs back."""
+    """Byte counts reported to the caller's callback; failed attempts roll theirs back.
+
+    A callback that raises is not called again: its exception ends the transfer, and the
+    clean-up that follows must not raise it a second time.
+    """
 
     def __init__(self, callback: ProgressCallback | None, *, total: int) -> None:
         self._callback = callback
@@ -71,7 +75,11 @@ class Progress:
         """Count ``nbytes`` more (negative to roll back) and tell the caller."""
         self.completed += nbytes
         if self._callback is not None:
-            self._callback(self.completed, self.total)
+            try:
+                self._callback(self.completed, self.total)
+            except BaseException:
+                self._callback = None
+                raise
 
 
 class Transfer:
@@ -134,13 +142,12 @@ class Transfer:
         """
         budget = AttemptBudget(self.retry)
         while True:
+            watch: Watch | None = None
             try:
                 async with limiter or self.limiter:
                     with self.monitor.watch() as watch:
                         await attempt(watch)
-                error = watch.error(
-                    stall_timeout=self.monitor.stall_timeout, digest=blob.digest, url=None
-                )
+                error = watch.error(stall_timeout=self.monitor.stall_timeout, digest=blob.digest)
                 if error is None:
                     self.monitor.history.add(watch.transferred, trio.current_time() - watch.started)
                     return
@@ -148,6 +155,8 @@ class Transfer:
             except TransferError as exc:
                 if exc.digest is None:
                     exc.digest = blob.digest
+                if exc.url is None and watch is not None:
+                    exc.url = watch.url
                 delay = budget.after_failure(exc)
                 self.logger.info(
                     "attempt %d for %s failed, retrying in %.2f s: %s",
@@ -160,12 +169,17 @@ class Transfer:
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """A KeyboardInterrupt or lone exception from ``group``, else the group itself."""
+    """What the caller should see of ``group``: a KeyboardInterrupt if there is one, else its
+    one exception that is not a cancellation, else one ``Cancelled`` if that is all there is;
+    several different failures stay a group."""
     leaves = list(_leaves(group))
     for leaf in leaves:
         if isinstance(leaf, KeyboardInterrupt):
             return leaf
-    return leaves[0] if len(leaves) == 1 else group
+    failures = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if len(failures) == 1:
+        return failures[0]
+    return leaves[0] if not failures else group
 
 
 def _leaves(exc: BaseException) -> Iterable[BaseException]:

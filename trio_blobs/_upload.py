@@ -343,6 +343,7 @@ class _Pusher:
                     expect=(200, 404),
                     digest=blob.digest,
                     what="blob check",
+                    watch=watch,
                 )
                 if response.status_code == 200:
                     present.add(blob.digest)
@@ -364,8 +365,7 @@ class _Pusher:
         body = _FileBody(self._transfer, blob, self._src / blob.file_name, watch)
         location: httpx.URL | None = None
         try:
-            started = await self._start(blob)
-            watch.progress(0)
+            started = await self._start(blob, watch)
             if started.status_code == 201:
                 self.mounted.add(blob.digest)
                 self._transfer.progress.add(blob.size)
@@ -374,13 +374,16 @@ class _Pusher:
             min_chunk = int(started.headers.get("oci-chunk-min-length", "0") or 0)
             if self._chunk_size or min_chunk or blob.size > self._chunk_threshold:
                 chunk = max(self._chunk_size or DEFAULT_CHUNK_SIZE, min_chunk)
-                location = await self._send_chunks(blob, body, location, chunk)
+                location = await self._send_chunks(blob, body, location, chunk, watch)
                 body.verify()
-                final: httpx.URL = _with_digest(location, blob.digest)
-                await self._put(blob, final, b"", 0)
+                await self._put(blob, _with_digest(location, blob.digest), b"", 0, watch)
             else:
                 await self._put(
-                    blob, _with_digest(location, blob.digest), body.part(0, blob.size), blob.size
+                    blob,
+                    _with_digest(location, blob.digest),
+                    body.part(0, blob.size),
+                    blob.size,
+                    watch,
                 )
             location = None
             body.commit()
@@ -390,7 +393,7 @@ class _Pusher:
             if location is not None:
                 await self._abandon(location)
 
-    async def _start(self, blob: Blob) -> httpx.Response:
+    async def _start(self, blob: Blob, watch: Watch) -> httpx.Response:
         """POST a new upload session, or a mount when the blob names a source repository."""
         url = self._session.url("blobs/uploads/")
         expect: tuple[int, ...] = (202,)
@@ -399,10 +402,12 @@ class _Pusher:
             url = url.copy_with(query=f"mount={blob.digest}&from={blob.mount_from}".encode())
             expect = (201, 202)
         return await self._session.request(
-            "POST", url, expect=expect, digest=blob.digest, what="upload start"
+            "POST", url, expect=expect, digest=blob.digest, what="upload start", watch=watch
         )
 
-    async def _put(self, blob: Blob, url: httpx.URL, body: _FileBody | bytes, length: int) -> None:
+    async def _put(
+        self, blob: Blob, url: httpx.URL, body: _FileBody | bytes, length: int, watch: Watch
+    ) -> None:
         await self._session.request(
             "PUT",
             url,
@@ -411,10 +416,11 @@ class _Pusher:
             what="upload",
             headers={"content-type": "application/octet-stream", "content-length": str(length)},
             body=body,
+            watch=watch,
         )
 
     async def _send_chunks(
-        self, blob: Blob, body: _FileBody, location: httpx.URL, chunk: int
+        self, blob: Blob, body: _FileBody, location: httpx.URL, chunk: int, watch: Watch
     ) -> httpx.URL:
         """PATCH the blob in chunks to the newest Location; returns where to close it."""
         session = self._session
@@ -433,10 +439,11 @@ class _Pusher:
                     "content-range": f"{offset}-{offset + length - 1}",
                 },
                 body=body.part(offset, length),
+                watch=watch,
             )
             if response.status_code == 416:
                 body.rollback()
-                location, held = await self._upload_status(blob, location)
+                location, held = await self._upload_status(blob, location, watch)
                 self._transfer.progress.add(held - offset)  # the registry holds more, or less
                 offset = held
                 continue
@@ -445,10 +452,12 @@ class _Pusher:
             offset += length
         return location
 
-    async def _upload_status(self, blob: Blob, location: httpx.URL) -> tuple[httpx.URL, int]:
+    async def _upload_status(
+        self, blob: Blob, location: httpx.URL, watch: Watch
+    ) -> tuple[httpx.URL, int]:
         """Ask where an upload session stands (after a 416): its Location and next offset."""
         response = await self._session.request(
-            "GET", location, expect=(204,), digest=blob.digest, what="upload status"
+            "GET", location, expect=(204,), digest=blob.digest, what="upload status", watch=watch
         )
         end = _range_end(response)
         return _upload_location(response, blob.digest, location), 0 if end is None else end + 1
@@ -476,6 +485,7 @@ class _Pusher:
                 what="manifest",
                 headers={"content-type": media_type},
                 body=manifest,
+                watch=watch,
             )
             announced = response.headers.get("docker-content-digest")
             if announced is not None and announced.strip() != blob.digest:

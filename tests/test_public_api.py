@@ -1,0 +1,41 @@
+"""The public surface is exactly what we mean to export."""
+
+import trio_blobs
+import trio_blobs.testing
+
+
+def test_trio_blobs_exports() -> None:
+    assert trio_blobs.__all__ == sorted(trio_blobs.__all__)
+    assert set(trio_blobs.__all__) == {
+        "AuthChallenge",
+        "AuthenticationError",
+        "Blob",
+        "ConnectionFailedError",
+        "DownloadResult",
+        "IntegrityError",
+        "LocalFileError",
+        "ProtocolError",
+        "RegistryError",
+        "RetriesExhaustedError",
+        "RetryPolicy",
+        "SlowTransferError",
+        "StallError",
+        "TransferError",
+        "UploadResult",
+        "digest_to_path",
+        "download",
+        "parse_auth_challenge",
+        "path_to_digest",
+        "upload",
+    }
+
+
+def test_public_names_say_trio_blobs() -> None:
+    assert repr(trio_blobs.Blob) == "<class 'trio_blobs.Blob'>"
+    for name in trio_blobs.__all__:
+        assert getattr(trio_blobs, name).__module__ == "trio_blobs"
+
+
+def test_every_error_is_a_transfer_error() -> None:
+    errors = [getattr(trio_blobs, n) for n in trio_blobs.__all__ if n.endswith("Error")]
+    assert all(issubclass(e, trio_blobs.TransferError) for e in errors)

@@ -15,6 +15,7 @@ def test_trio_blobs_exports() -> None:
         "IntegrityError",
         "LocalFileError",
         "ProtocolError",
+        "RegistryAuth",
         "RegistryError",
         "RetriesExhaustedError",
         "RetryPolicy",

@@ -4,6 +4,7 @@ Public names are re-exported here; the modules that define them are private.
 """
 
 from ._auth import AuthChallenge, parse_auth_challenge
+from ._auth_provider import RegistryAuth
 from ._digest import Blob, digest_to_path, path_to_digest
 from ._download import DownloadResult, download
 from ._exceptions import (
@@ -30,6 +31,7 @@ __all__ = [
     "IntegrityError",
     "LocalFileError",
     "ProtocolError",
+    "RegistryAuth",
     "RegistryError",
     "RetriesExhaustedError",
     "RetryPolicy",

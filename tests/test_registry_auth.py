@@ -1,0 +1,188 @@
+"""RegistryAuth, the built-in get_token: token requests, caching, and where credentials go."""
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from trio_blobs import AuthChallenge, AuthenticationError, RegistryAuth, download
+from trio_blobs.testing import Registry
+
+from ._helpers import BASE_URL, add_blobs
+
+BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+
+class TokenService:
+    """A fake token service: answers with ``answer`` and records what it was asked."""
+
+    def __init__(self, answer: object = None, status: int = 200) -> None:
+        self.answer = {"token": "tok", "expires_in": 60} if answer is None else answer
+        self.status = status
+        self.requests: list[httpx.Request] = []
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return httpx.Response(self.status, json=self.answer)
+
+
+def bearer(realm: str, scope: str | None = "repository:a/b:pull") -> AuthChallenge:
+    return AuthChallenge(scheme="bearer", realm=realm, service="reg", scope=scope)
+
+
+async def test_end_to_end_with_the_in_process_registry(tmp_path: Path) -> None:
+    registry = Registry(token="t1")
+    auth = RegistryAuth(BASE_URL)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        auth_via_registry = RegistryAuth(BASE_URL, client=client)
+        for dest in ("one", "two"):
+            await download(
+                add_blobs(registry, 10, 20),
+                base_url=BASE_URL,
+                dest_dir=tmp_path / dest,
+                client=client,
+                get_token=auth_via_registry,
+            )
+    assert registry.token_requests == 1  # the second call reused the cached token
+    assert repr(auth) == "RegistryAuth('http://registry.test/', anonymous)"
+
+
+async def test_the_request_carries_service_and_every_scope(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = TokenService()
+    auth = RegistryAuth("https://registry.test", client=service.client())
+    challenge = bearer(
+        "https://auth.test/token?account=x", "repository:a/b:pull repository:c/d:pull"
+    )
+    assert await auth(challenge) == "tok"
+    [request] = service.requests
+    assert request.url.params.get_list("scope") == ["repository:a/b:pull", "repository:c/d:pull"]
+    assert request.url.params["service"] == "reg"
+    assert request.url.params["account"] == "x"  # the realm's own query is kept
+
+
+async def test_tokens_are_cached_until_shortly_before_they_expire(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = TokenService({"access_token": "tok", "expires_in": 300})
+    auth = RegistryAuth("https://registry.test", client=service.client())
+    challenge = bearer("https://registry.test/token")
+    await auth(challenge)
+    await trio.sleep(269)
+    await auth(challenge)
+    assert len(service.requests) == 1
+    await auth(bearer("https://registry.test/token", "repository:other:pull"))
+    assert len(service.requests) == 2  # another scope, another token
+    await trio.sleep(2)  # 271 s: within 30 s of the end
+    await auth(challenge)
+    assert len(service.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("answer", "lifetime"),
+    [
+        ({"token": "tok"}, 60),
+        ({"token": "tok", "expires_in": "soon"}, 60),
+        ({"token": "tok", "expires_in": 10}, 10),
+    ],
+)
+async def test_lifetime_defaults_to_sixty_seconds(
+    autojump_clock: trio.testing.MockClock, answer: object, lifetime: float
+) -> None:
+    service = TokenService(answer)
+    auth = RegistryAuth("https://registry.test", client=service.client())
+    await auth(bearer("https://registry.test/token"))
+    await trio.sleep(lifetime * 0.89)
+    await auth(bearer("https://registry.test/token"))
+    assert len(service.requests) == 1
+    await trio.sleep(lifetime * 0.02)
+    await auth(bearer("https://registry.test/token"))
+    assert len(service.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "match"),
+    [
+        (
+            401,
+            {"errors": [{"code": "UNAUTHORIZED", "message": "bad password"}]},
+            "401.*bad password",
+        ),
+        (200, {"expires_in": 60}, "no token"),
+        (200, ["not", "an", "object"], "no token"),
+        (500, {}, "500"),
+    ],
+)
+async def test_a_refused_token_request_is_an_authentication_error(
+    status: int, answer: object, match: str
+) -> None:
+    service = TokenService(answer, status)
+    auth = RegistryAuth("https://registry.test", "alice", "s3cret", client=service.client())
+    with pytest.raises(AuthenticationError, match=match):
+        await auth(bearer("https://registry.test/token"))
+
+
+@pytest.mark.parametrize(
+    ("registry", "realms", "trusted", "sent"),
+    [
+        # the registry's own host, any port
+        ("https://registry.test", ["https://registry.test:8443/token"], (), [True]),
+        ("http://127.0.0.1:5000", ["http://127.0.0.1:5001/token"], (), [True]),
+        # an https registry's credentials never go over http
+        ("https://registry.test", ["http://registry.test/token"], (), [False]),
+        # trust on first use: the first https realm, and only that one
+        (
+            "https://registry.test",
+            ["https://auth.test/token", "https://evil.test/token"],
+            (),
+            [True, False],
+        ),
+        ("https://registry.test", ["http://auth.test/token"], (), [False]),
+        # listed by the caller
+        ("https://registry.test", ["http://auth.test/token"], ("http://auth.test",), [True]),
+    ],
+)
+async def test_credentials_go_only_to_trusted_realms(
+    registry: str, realms: list[str], trusted: tuple[str, ...], sent: list[bool]
+) -> None:
+    service = TokenService()
+    auth = RegistryAuth(
+        registry, "alice", "s3cret", trusted_realms=trusted, client=service.client()
+    )
+    for realm in realms:
+        await auth(bearer(realm))
+    assert [r.headers.get("authorization") == BASIC for r in service.requests] == sent
+    assert all(r.headers.get("authorization") in (None, BASIC) for r in service.requests)
+
+
+async def test_basic_challenges_get_the_credentials() -> None:
+    auth = RegistryAuth("https://registry.test", "alice", "s3cret")
+    assert "Basic " + await auth(AuthChallenge(scheme="basic", realm="registry")) == BASIC
+    with pytest.raises(AuthenticationError, match="username and password"):
+        await RegistryAuth("https://registry.test")(AuthChallenge(scheme="basic"))
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [AuthChallenge(), AuthChallenge(scheme="digest", realm="x"), AuthChallenge(scheme="bearer")],
+)
+async def test_unanswerable_challenges_are_clear_errors(challenge: AuthChallenge) -> None:
+    with pytest.raises(AuthenticationError, match="challenge"):
+        await RegistryAuth("https://registry.test")(challenge)
+
+
+def test_credentials_never_show() -> None:
+    auth = RegistryAuth("https://registry.test", "alice", "s3cret")
+    assert "s3cret" not in repr(auth)
+    assert "alice" not in repr(auth)
+    with pytest.raises(ValueError, match="together"):
+        RegistryAuth("https://registry.test", "alice")
+    with pytest.raises(ValueError, match="base_url"):
+        RegistryAuth("registry.test")

@@ -1,0 +1,148 @@
+"""A ready ``get_token``: the Docker token protocol for Bearer challenges, and Basic auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+
+import httpx
+import trio
+
+from ._auth import AuthChallenge
+from ._exceptions import AuthenticationError, ConnectionFailedError
+from ._protocol import check_base_url, parse_error_body
+
+__all__ = ["RegistryAuth"]
+
+DEFAULT_EXPIRES_IN = 60  # seconds, when the token service does not say
+TOKEN_TIMEOUT = 30.0  # seconds for a token request made with our own client
+
+
+class RegistryAuth:
+    """Answers registry challenges; pass it as ``get_token`` to :func:`download` or :func:`upload`.
+
+    A Bearer challenge is answered with a token from its realm (``GET <realm>?service=&scope=``),
+    asked for anonymously or, with ``username`` and ``password``, with Basic credentials. Tokens
+    are cached per realm, service and scope until shortly before their ``expires_in`` runs out.
+    A Basic challenge is answered with the credentials themselves.
+
+    Credentials only ever go to a realm the caller trusts: one on ``base_url``'s own host (over
+    https, or over http when the registry itself is http), on an origin listed in
+    ``trusted_realms``, or the https realm that the first challenge named (trust on first use: a
+    realm that later moves elsewhere gets anonymous requests). ``client`` is used for token
+    requests (redirects are not followed); without one, a short-lived client with a 30 s timeout.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        trusted_realms: Iterable[str] = (),
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._registry = check_base_url(base_url)
+        if (username is None) != (password is None):
+            raise ValueError("username and password go together")
+        self._basic = (
+            base64.b64encode(f"{username}:{password}".encode()).decode()
+            if username is not None
+            else None
+        )
+        self._trusted = {_origin(check_base_url(realm)) for realm in trusted_realms}
+        self._first_realm: tuple[str, str, int | None] | None = None
+        self._client = client
+        self._tokens: dict[tuple[str, str | None, str | None], tuple[str, float]] = {}
+
+    def __repr__(self) -> str:  # never shows the credentials
+        user = "with credentials" if self._basic else "anonymous"
+        return f"RegistryAuth({str(self._registry)!r}, {user})"
+
+    async def __call__(self, challenge: AuthChallenge) -> str:
+        """The token (or Basic credentials) that answers ``challenge``."""
+        if challenge.scheme == "basic":
+            if self._basic is None:
+                raise AuthenticationError(
+                    "the registry asks for a username and password", status=401
+                )
+            return self._basic
+        if challenge.scheme != "bearer" or not challenge.realm:
+            raise AuthenticationError(
+                f"cannot answer a {challenge.scheme or 'malformed'} challenge", status=401
+            )
+        key = (challenge.realm, challenge.service, challenge.scope)
+        cached = self._tokens.get(key)
+        if cached is not None and trio.current_time() < cached[1]:
+            return cached[0]
+        token, lifetime = await self._fetch(challenge.realm, challenge.service, challenge.scope)
+        # Refresh a little before the token runs out: a tenth of its life, at most 30 s.
+        self._tokens[key] = (token, trio.current_time() + lifetime - min(lifetime / 10, 30.0))
+        return token
+
+    def _may_send_credentials(self, realm: httpx.URL) -> bool:
+        origin = _origin(realm)
+        if realm.scheme == "https" and self._first_realm is None:
+            self._first_realm = origin
+        return (
+            (realm.host == self._registry.host and realm.scheme in ("https", self._registry.scheme))
+            or origin in self._trusted
+            or origin == self._first_realm
+        )
+
+    async def _fetch(self, realm: str, service: str | None, scope: str | None) -> tuple[str, float]:
+        """Ask the token service; returns the token and its lifetime in seconds."""
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise AuthenticationError(f"unusable token realm {realm!r}", status=401)
+        # Only what the challenge names: a realm's own query (``?service=`` in it) stays.
+        wanted = {"service": [service] if service else [], "scope": (scope or "").split()}
+        url = url.copy_merge_params({name: values for name, values in wanted.items() if values})
+        headers = {}
+        if self._basic is not None and self._may_send_credentials(url):
+            headers["authorization"] = f"Basic {self._basic}"
+        try:
+            if self._client is not None:
+                response = await self._client.get(url, headers=headers, follow_redirects=False)
+            else:
+                async with httpx.AsyncClient(timeout=TOKEN_TIMEOUT) as client:
+                    response = await client.get(url, headers=headers)
+        except httpx.TransportError as exc:
+            raise ConnectionFailedError(f"token request failed: {exc!r}", url=realm) from exc
+        return _read_token(response, realm)
+
+
+def _read_token(response: httpx.Response, realm: str) -> tuple[str, float]:
+    """``(token, lifetime)`` from a token service's answer, or :class:`AuthenticationError`."""
+    if response.status_code != 200:
+        code, message, _ = parse_error_body(
+            response.headers.get("content-type", ""), response.content
+        )
+        detail = ": ".join(part for part in (code, message) if part)
+        raise AuthenticationError(
+            f"the token service refused the request ({response.status_code})"
+            + (f": {detail}" if detail else ""),
+            status=response.status_code,
+            code=code,
+            error_message=message,
+            url=realm,
+        )
+    try:
+        answer = json.loads(response.content)
+        token = answer.get("token") or answer.get("access_token")
+        expires_in = answer.get("expires_in", DEFAULT_EXPIRES_IN)
+    except (ValueError, AttributeError):
+        token, expires_in = None, None
+    if not isinstance(token, str) or not token:
+        raise AuthenticationError("the token service sent no token", status=200, url=realm)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        expires_in = DEFAULT_EXPIRES_IN
+    return token, float(expires_in)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme))

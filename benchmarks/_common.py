@@ -10,6 +10,7 @@ import multiprocessing.connection
 import random
 import re
 import resource
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -75,7 +76,14 @@ def parser(description: str | None) -> argparse.ArgumentParser:
         action="append",
         help=f"COUNTxSIZE, repeatable (default: {' and '.join(DEFAULT_WORKLOADS)})",
     )
-    p.add_argument("--url", help="registry base URL (default: start the in-process registry)")
+    p.add_argument("--url", help="registry base URL (default: start one, see --registry)")
+    p.add_argument(
+        "--registry",
+        choices=("embedded", "distribution"),
+        default="embedded",
+        help="without --url, run the in-process registry (default) or the distribution "
+        "registry (docker-registry on PATH)",
+    )
     p.add_argument("--concurrency", type=int, default=None, help="default: the library's")
     p.add_argument("--runs", type=int, default=3, help="counted runs after a warm-up (default 3)")
     return p
@@ -85,29 +93,41 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
     return args.workload or [Workload.parse(w) for w in DEFAULT_WORKLOADS]
 
 
-def _serve(conn: multiprocessing.connection.Connection) -> None:
-    """Child process: an empty in-process registry on a loopback port."""
-    from trio_blobs.testing import Registry
+def _serve(conn: multiprocessing.connection.Connection, registry: str) -> None:
+    """Child process: an empty registry on a loopback port until SIGTERM, then clean up."""
+    from trio_blobs.testing import Registry, distribution_registry
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            conn.send(await nursery.start(Registry().serve))
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            serving = (
+                distribution_registry() if registry == "distribution" else Registry().serving()
+            )
+            async with serving as url:
+                conn.send(url)
+                async for _ in signals:
+                    return
 
     trio.run(main)
 
 
 @contextlib.contextmanager
-def registry_url(url: str | None) -> Iterator[str]:
-    """``url``, or the address of an in-process registry run in a child process meanwhile, so
-    that it has a core of its own as a real registry would."""
+def registry_url(url: str | None, registry: str = "embedded") -> Iterator[str]:
+    """``url``, or the address of a ``registry`` ("embedded": the in-process one, or
+    "distribution") run meanwhile by a child process, so that it has a core of its own as a
+    real registry would."""
     if url:
         yield url
         return
     parent, child = multiprocessing.Pipe()
-    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
+    context = multiprocessing.get_context("spawn")
+    server = context.Process(target=_serve, args=(child, registry), daemon=True)
     server.start()
     try:
-        yield parent.recv()
+        try:
+            address = parent.recv()
+        except EOFError:
+            raise SystemExit(f"the {registry} registry did not start (see above)") from None
+        yield address
     finally:
         server.terminate()
         server.join()

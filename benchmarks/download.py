@@ -28,7 +28,7 @@ def main() -> None:
     concurrency = args.concurrency or 64
     with (
         tempfile.TemporaryDirectory(prefix="trio-blobs-bench-") as tmp,
-        registry_url(args.url) as url,
+        registry_url(args.url, args.registry) as url,
     ):
         root = Path(tmp)
 

@@ -62,7 +62,15 @@ def origin(client: httpx.AsyncClient) -> str:
 
 
 def test_public_surface() -> None:
-    assert trio_blobs.testing.__all__ == ["Fault", "RecordedRequest", "Registry"]
+    assert trio_blobs.testing.__all__ == [
+        "DistributionBasicAuth",
+        "DistributionTokenAuth",
+        "Fault",
+        "RecordedRequest",
+        "Registry",
+        "RegistryStartError",
+        "distribution_registry",
+    ]
 
 
 def test_fault_validates() -> None:

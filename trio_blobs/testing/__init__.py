@@ -16,8 +16,31 @@ apply to the body and compose. Faults apply in the order added; the first match 
         url = f"/v2/library/_/blobs/{blob.digest}"
         assert (await c.get(url)).status_code == 503
         assert (await c.get(url)).content == b"hello"
+
+:func:`distribution_registry` runs the real distribution registry (Debian's
+``docker-registry``) on a free loopback port with filesystem storage, optionally behind
+:class:`DistributionTokenAuth` or :class:`DistributionBasicAuth` and with blob downloads
+redirected to another server; it raises :class:`RegistryStartError` when the registry is not
+installed or does not come up::
+
+    async with distribution_registry() as base_url:
+        await trio_blobs.upload(blobs, base_url=base_url, src_dir="blobs")
 """
 
+from ._distribution import (
+    DistributionBasicAuth,
+    DistributionTokenAuth,
+    RegistryStartError,
+    distribution_registry,
+)
 from ._registry import Fault, RecordedRequest, Registry
 
-__all__ = ["Fault", "RecordedRequest", "Registry"]
+__all__ = [
+    "DistributionBasicAuth",
+    "DistributionTokenAuth",
+    "Fault",
+    "RecordedRequest",
+    "Registry",
+    "RegistryStartError",
+    "distribution_registry",
+]

@@ -10,9 +10,9 @@ from trio_blobs._protocol import (
     check_base_url,
     check_repository,
     error_for_response,
+    location_target,
     parse_error_body,
     parse_retry_after,
-    redirect_target,
     same_origin,
 )
 
@@ -47,14 +47,14 @@ def _redirect(location: str | None, status: int = 307) -> httpx.Response:
         ("http://r.test/v2/", "https://cdn.test/b", "https://cdn.test/b"),
     ],
 )
-def test_redirect_target_resolves_and_keeps_query(current: str, location: str, target: str) -> None:
-    assert str(redirect_target(httpx.URL(current), _redirect(location))) == target
+def test_location_target_resolves_and_keeps_query(current: str, location: str, target: str) -> None:
+    assert str(location_target(httpx.URL(current), _redirect(location))) == target
 
 
 @pytest.mark.parametrize("location", [None, "", "ftp://cdn.test/x", "http://cdn.test/x"])
-def test_redirect_target_refuses_bad_locations_and_downgrades(location: str | None) -> None:
+def test_location_target_refuses_bad_locations_and_downgrades(location: str | None) -> None:
     with pytest.raises(ProtocolError):
-        redirect_target(httpx.URL("https://r.test/v2/x"), _redirect(location))
+        location_target(httpx.URL("https://r.test/v2/x"), _redirect(location))
 
 
 def test_parse_error_body_reads_registry_json() -> None:

@@ -15,12 +15,14 @@ from trio_blobs import (
     Blob,
     IntegrityError,
     LocalFileError,
+    ProtocolError,
     RegistryError,
     RetriesExhaustedError,
+    RetryPolicy,
     UploadResult,
     upload,
 )
-from trio_blobs._upload import _with_digest
+from trio_blobs._upload import _held, _with_digest
 from trio_blobs.testing import Fault, Registry
 
 from ._helpers import BASE_URL, CountingTransport, went_backwards
@@ -424,20 +426,101 @@ async def test_permanent_errors_fail_the_upload_at_once(
     assert len(requests_of(registry, "POST")) == 1
 
 
+class StallingReader(httpx.AsyncBaseTransport):
+    """The first PUT's body stops being read after ``after`` bytes, or is read at ``rate``
+    bytes per second (in 100 ms steps); every other request passes straight on."""
+
+    def __init__(
+        self, inner: httpx.AsyncBaseTransport, *, after: int | None = None, rate: float = 0
+    ) -> None:
+        self.inner = inner
+        self.after = after
+        self.rate = rate
+        self.done = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "PUT" or self.done:
+            return await self.inner.handle_async_request(request)
+        self.done = True
+        stream = request.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        body, received = bytearray(), 0
+        async for piece in stream:
+            body += piece
+            received += len(piece)
+            if self.after is not None and received >= self.after:
+                await trio.sleep_forever()
+            if self.rate:
+                await trio.sleep(len(piece) / self.rate)
+        forwarded = httpx.Request(
+            request.method, request.url, headers=request.headers, content=bytes(body)
+        )
+        return await self.inner.handle_async_request(forwarded)
+
+
 async def test_an_upload_that_stops_flowing_is_cancelled_and_retried(
+    registry: Registry, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    transport = StallingReader(registry.transport(), after=1_000_000)
+    start = trio.current_time()
+    async with httpx.AsyncClient(transport=transport) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, stall_timeout=4)
+    assert 4 <= trio.current_time() - start <= 5
+    # the stalled PUT never reached the registry; the retry asked first, then pushed again
+    assert [r.method for r in registry.requests] == [
+        "HEAD",
+        "POST",
+        "DELETE",
+        "HEAD",
+        "POST",
+        "PUT",
+    ]
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_an_upload_that_flows_slowly_is_not_a_stall(
+    registry: Registry, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    [blob] = write_blobs(tmp_path, 5 * 1024 * 1024)
+    transport = StallingReader(registry.transport(), rate=512 * 1024)  # 10 s for the body
+    start = trio.current_time()
+    async with httpx.AsyncClient(transport=transport) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, stall_timeout=4)
+    assert 10 <= trio.current_time() - start <= 11
+    assert len(requests_of(registry, "PUT")) == 1
+
+
+async def test_a_registry_slow_to_commit_is_given_time(
     registry: Registry,
     client: httpx.AsyncClient,
     tmp_path: Path,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     [blob] = write_blobs(tmp_path, 200_000)
-    registry.add_fault(Fault(method="PUT", delay=1e6, times=1))
+    registry.add_fault(Fault(method="PUT", delay=30, times=1))  # hashing a big blob, say
     start = trio.current_time()
-    await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, stall_timeout=4)
-    assert 4 <= trio.current_time() - start <= 5
-    assert len(requests_of(registry, "PUT")) == 2
-    assert len(requests_of(registry, "DELETE")) == 1
-    assert_stored(registry, tmp_path, [blob])
+    result = await upload(
+        [blob], base_url=BASE_URL, src_dir=tmp_path, client=client, stall_timeout=4
+    )
+    assert 30 <= trio.current_time() - start <= 31
+    assert result.uploaded == (blob.digest,)
+    assert len(requests_of(registry, "PUT")) == 1
+
+
+async def test_a_lost_answer_is_found_by_asking_before_pushing_again(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = write_blobs(tmp_path, 200_000)
+    registry.add_fault(Fault(method="PUT", delay=1e6, times=1))  # stored, but no answer
+    result = await upload(
+        [blob], base_url=BASE_URL, src_dir=tmp_path, client=client, stall_timeout=4
+    )
+    assert result.uploaded == (blob.digest,)
+    assert [r.method for r in registry.requests] == ["HEAD", "POST", "PUT", "DELETE", "HEAD"]
 
 
 async def test_cancelling_an_upload_returns_and_abandons_the_session(
@@ -639,3 +722,365 @@ async def test_push_and_pull_round_trip_over_loopback(registry: Registry, tmp_pa
     for blob in blobs:
         assert (dest / blob.file_name).read_bytes() == (src / blob.file_name).read_bytes()
     assert registry.manifests["library/_"]["latest"][0] == manifest
+
+
+# -- edge cases from review -----------------------------------------------------------------
+
+
+class Rewrite(httpx.AsyncBaseTransport):
+    """Changes the headers of answers to ``method`` requests with ``change(headers)``."""
+
+    def __init__(
+        self, inner: httpx.AsyncBaseTransport, method: str, change: dict[str, str | None]
+    ) -> None:
+        self.inner = inner
+        self.method = method
+        self.change = change
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method != self.method:
+            return response
+        headers = httpx.Headers(response.headers)
+        for name, value in self.change.items():
+            if value is None:
+                del headers[name]
+            else:
+                headers[name] = value.format(location=response.headers.get("location", ""))
+        return httpx.Response(response.status_code, headers=headers, stream=response.stream)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"location": None, "docker-upload-location": "{location}"},  # the older header
+        {"location": "http://registry.test{location}"},  # absolute, same origin
+    ],
+)
+async def test_upload_locations_in_their_other_forms(
+    registry: Registry, tmp_path: Path, change: dict[str, str | None]
+) -> None:
+    [blob] = write_blobs(tmp_path, 1000)
+    async with httpx.AsyncClient(transport=Rewrite(registry.transport(), "POST", change)) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, token="t")
+    put = registry.requests[-1]
+    assert put.method == "PUT"
+    assert put.headers["authorization"] == "Bearer t"
+    assert put.headers["content-type"] == "application/octet-stream"
+    assert_stored(registry, tmp_path, [blob])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"location": "http://[::1"}, "unusable Location"),
+        ({"location": "ftp://registry.test/x"}, "unusable Location"),
+        ({"location": None}, "without a Location"),
+    ],
+)
+async def test_unusable_upload_locations_are_protocol_errors(
+    registry: Registry, tmp_path: Path, change: dict[str, str | None], match: str
+) -> None:
+    [blob] = write_blobs(tmp_path, 1000)
+    async with httpx.AsyncClient(transport=Rewrite(registry.transport(), "POST", change)) as client:
+        with pytest.raises(ProtocolError, match=match) as caught:
+            await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert caught.value.digest == blob.digest
+
+
+@pytest.mark.parametrize(("value", "patches"), [("abc", 0), ("-5", 0), ("2000", 1)])
+async def test_a_minimum_chunk_length_is_read_leniently(
+    registry: Registry, tmp_path: Path, value: str, patches: int
+) -> None:
+    [blob] = write_blobs(tmp_path, 3000)
+    transport = Rewrite(registry.transport(), "POST", {"oci-chunk-min-length": value})
+    async with httpx.AsyncClient(transport=transport) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(requests_of(registry, "PATCH")) == patches
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_a_minimum_chunk_length_alone_makes_the_push_chunked(tmp_path: Path) -> None:
+    registry = Registry(chunk_min_length=400_000)
+    [blob] = write_blobs(tmp_path, 1_000_000)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(requests_of(registry, "PATCH")) == 1  # the default chunk is larger than the blob
+
+
+async def test_a_blob_at_the_threshold_goes_in_one_put(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 2000)
+    await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_threshold=2000)
+    assert requests_of(registry, "PATCH") == []
+
+
+async def test_a_416_on_the_first_chunk_starts_the_session_over(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    registry.add_fault(Fault(method="PATCH", status=416, times=1))
+    calls: list[tuple[int, int]] = []
+    await upload(
+        [blob],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        chunk_size=1_000_000,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert [r.method for r in registry.requests][:5] == ["HEAD", "POST", "PATCH", "GET", "PATCH"]
+    assert all(0 <= done <= total for done, total in calls)
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_a_registry_that_keeps_refusing_chunks_gets_a_new_session(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    registry.add_fault(Fault(method="PATCH", status=416, times=4))
+    await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=1_000_000)
+    assert len(requests_of(registry, "POST")) == 2
+    assert_stored(registry, tmp_path, [blob])
+
+
+async def test_progress_of_a_failed_chunked_attempt_is_taken_back(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    registry.add_fault(Fault(method="PUT", status=500, times=1))
+    calls: list[tuple[int, int]] = []
+    await upload(
+        [blob],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        chunk_size=1_000_000,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert all(0 <= done <= total for done, total in calls)
+    assert went_backwards(calls)
+    assert calls[-1] == (blob.size, blob.size)
+
+
+async def test_a_failed_chunked_attempt_deletes_its_newest_location(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    registry.add_fault(Fault(method="PATCH", times=2))  # two chunks go through
+    registry.add_fault(Fault(method="PATCH", status=400, times=1))  # the third is refused
+    with pytest.raises(RegistryError):
+        await upload(
+            [blob], base_url=BASE_URL, src_dir=tmp_path, client=client, chunk_size=1_000_000
+        )
+    patches, [delete] = requests_of(registry, "PATCH"), requests_of(registry, "DELETE")
+    assert delete == patches[-1]
+
+
+async def test_a_file_changed_before_a_resend_is_never_committed(
+    registry: Registry, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 1_000_000)
+    path = tmp_path / blob.file_name
+
+    def progress(done: int, total: int) -> None:
+        if done == total:  # the first send is complete: change the file before the resend
+            path.write_bytes(b"\0" * total)
+
+    transport = RedirectPuts(registry.transport(), "http://storage.test")
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(LocalFileError, match="changed"):
+            await upload(
+                [blob], base_url=BASE_URL, src_dir=tmp_path, client=client, progress=progress
+            )
+    assert blob.digest not in registry.blobs.get("library/_", {})
+
+
+@pytest.mark.parametrize("chunk_size", [None, 300_000])
+async def test_a_file_changed_during_the_upload_is_never_committed(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, chunk_size: int | None
+) -> None:
+    [blob] = write_blobs(tmp_path, 3_000_000)
+    path = tmp_path / blob.file_name
+
+    def progress(done: int, total: int) -> None:
+        if done >= 1_000_000:
+            with path.open("r+b") as file:
+                file.seek(2_500_000)
+                file.write(b"changed")
+
+    with pytest.raises(LocalFileError, match="changed"):
+        await upload(
+            [blob],
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+    assert blob.digest not in registry.blobs.get("library/_", {})
+
+
+async def test_an_empty_file_with_a_wrong_digest_is_caught_locally(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blob = Blob(Blob.from_bytes(b"x").digest, 0)
+    (tmp_path / blob.file_name).write_bytes(b"")
+    with pytest.raises(LocalFileError, match="changed or is corrupt"):
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+
+
+async def test_a_directory_is_not_a_source(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    good = write_blobs(tmp_path, 10)[0]
+    odd = Blob.from_bytes(b"")
+    (tmp_path / odd.file_name).mkdir()
+    with pytest.raises(LocalFileError, match=odd.file_name):
+        await upload([good, odd], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert registry.requests == []
+
+
+async def test_a_mounted_blob_counts_for_progress(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 5000)
+    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    calls: list[tuple[int, int]] = []
+    await upload(
+        [Blob(blob.digest, blob.size, mount_from="models/base")],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls[-1] == (5000, 5000)
+
+
+async def test_a_scopeless_challenge_asks_for_push(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10)
+    registry.add_fault(
+        Fault(
+            method="POST",
+            status=401,
+            headers={"www-authenticate": 'Bearer realm="http://registry.test/token"'},
+        )
+    )
+    seen: list[AuthChallenge] = []
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        seen.append(challenge)
+        return "t"
+
+    await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, get_token=get_token)
+    assert [c.scope for c in seen] == ["repository:library/_:pull,push"]
+
+
+async def test_existence_checks_are_retried(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10)
+    registry.add_fault(Fault(method="HEAD", status=503, times=1))
+    await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(requests_of(registry, "HEAD")) == 2
+
+
+async def test_the_retry_policy_is_the_callers(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10)
+    registry.add_fault(Fault(method="PUT", status=500, times=None))
+    with pytest.raises(RetriesExhaustedError):
+        await upload(
+            blobs,
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            retry=RetryPolicy(max_attempts=2),
+        )
+    assert len(requests_of(registry, "PUT")) == 2
+
+
+async def test_a_manifest_answered_200_is_accepted(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blobs = write_blobs(tmp_path, 10, 20)
+    manifest = image_manifest(blobs)
+    digest = Blob.from_bytes(manifest).digest
+    registry.add_fault(
+        Fault(
+            method="PUT", path="/manifests/", status=200, headers={"docker-content-digest": digest}
+        )
+    )
+    result = await upload(
+        blobs, base_url=BASE_URL, src_dir=tmp_path, client=client, manifest=manifest
+    )
+    assert result.manifest_digest == digest
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"manifest_media_type": "application/vnd.oci.image.manifest.v1+json\r\nX: y"},
+            "type/subtype",
+        ),
+        ({"manifest_media_type": "application/vnd.ocï+json"}, "type/subtype"),
+        ({"manifest_ref": "sha512:" + "0" * 128}, "manifest_ref"),
+    ],
+)
+async def test_bad_manifest_options_fail_before_any_request(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    kwargs: dict[str, str],
+    match: str,
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        await upload(
+            write_blobs(tmp_path, 10),
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            manifest=b"{}",
+            **kwargs,  # type: ignore[arg-type]
+        )
+    assert registry.requests == []
+
+
+def test_held_bytes_are_read_from_the_range_header() -> None:
+    def held(value: str | None) -> int:
+        headers = {} if value is None else {"range": value}
+        return _held(httpx.Response(204, headers=headers))
+
+    assert [held(v) for v in ("0-0", "0-99", "bytes=0-99", " 0-1 ", None, "5-9", "x")] == [
+        0,
+        100,
+        100,
+        2,
+        0,
+        0,
+        0,
+    ]
+
+
+async def test_errors_from_a_mock_transport_are_transfer_errors(tmp_path: Path) -> None:
+    [blob] = write_blobs(tmp_path, 10)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return httpx.Response(404)
+        return httpx.Response(500, json={"errors": [{"code": "UNKNOWN", "message": "boom"}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(RetriesExhaustedError, match="boom"):
+            await upload(
+                [blob],
+                base_url=BASE_URL,
+                src_dir=tmp_path,
+                client=client,
+                retry=RetryPolicy(max_attempts=1),
+            )

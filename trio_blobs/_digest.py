@@ -22,6 +22,7 @@ class Hasher(Protocol):
 
     def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
+    def copy(self) -> Hasher: ...
 
 
 def _split(pattern: re.Pattern[str], value: object, what: str) -> tuple[str, str]:
@@ -60,6 +61,11 @@ def path_to_digest(name: str) -> str:
 def new_hasher(digest: str) -> Hasher:
     """A fresh hash object of the algorithm ``digest`` names."""
     return hashlib.new(digest.partition(":")[0])
+
+
+def hashed_digest(digest: str, hasher: Hasher) -> str:
+    """What ``hasher`` (made by :func:`new_hasher` for ``digest``) has hashed, as a digest."""
+    return f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
 
 
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:

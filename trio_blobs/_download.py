@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 
-from ._digest import Blob, new_hasher
+from ._digest import Blob, hashed_digest, new_hasher
 from ._exceptions import IntegrityError
 from ._monitor import Watch
+from ._protocol import check_announced_digest
 from ._retry import RetryPolicy
 from ._session import GetToken
 from ._transfer import (
@@ -132,46 +133,34 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
 async def _attempt(transfer: Transfer, blob: Blob, dest: Path, watch: Watch) -> None:
     """One GET of ``blob`` streamed into a verified file; a failure rolls its progress back."""
     session = transfer.session
-    url = session.url(f"blobs/{blob.digest}")
-    counted = 0
-    try:
+    with transfer.progress.attempt() as counted:
         async with session.stream(
             "GET",
-            url,
+            session.url(f"blobs/{blob.digest}"),
             expect=(200,),
             digest=blob.digest,
             what="blob",
             headers=_BLOB_HEADERS,
             watch=watch,
         ) as response:
-            _check_headers(blob, response)
+            _check_length(blob, response)
+            check_announced_digest(response, blob.digest)
             with _PartialFile(dest, blob) as partial:
                 async for chunk in response.aiter_raw():
                     partial.write(chunk)
                     watch.progress(len(chunk))
-                    counted += len(chunk)
-                    transfer.progress.add(len(chunk))
+                    counted.add(len(chunk))
                 partial.commit()
-        counted = 0
-    finally:
-        if counted:
-            transfer.progress.add(-counted)
 
 
-def _check_headers(blob: Blob, response: httpx.Response) -> None:
-    """Reject a response whose headers already say it is not this blob."""
-    url = str(response.request.url)
+def _check_length(blob: Blob, response: httpx.Response) -> None:
+    """Reject a response whose Content-Length already says it is not this blob."""
     length = response.headers.get("content-length")
     if length is not None and length.strip() != str(blob.size):
         raise IntegrityError(
             f"server announced {length.strip()} bytes, the blob has {blob.size}",
             digest=blob.digest,
-            url=url,
-        )
-    announced = response.headers.get("docker-content-digest")
-    if announced is not None and announced.strip() != blob.digest:
-        raise IntegrityError(
-            f"server announced digest {announced.strip()}", digest=blob.digest, url=url
+            url=str(response.request.url),
         )
 
 
@@ -218,8 +207,7 @@ class _PartialFile:
             raise IntegrityError(
                 f"body ended after {self._received} of {blob.size} bytes", digest=blob.digest
             )
-        algorithm = blob.digest.partition(":")[0]
-        actual = f"{algorithm}:{self._hasher.hexdigest()}"
+        actual = hashed_digest(blob.digest, self._hasher)
         if actual != blob.digest:
             raise IntegrityError(f"content has digest {actual}", digest=blob.digest)
         with local_file_errors(blob.digest, self._path):

@@ -47,6 +47,7 @@ class Watch:
 
     __slots__ = (
         "cancel_scope",
+        "grace",
         "last_activity",
         "pauses",
         "started",
@@ -61,6 +62,7 @@ class Watch:
         self.transferred = 0
         self.url: str | None = None  # the URL last asked for, to name in errors
         self.pauses = 0  # while above 0, the attempt waits on something that is not the peer
+        self.grace = 0.0  # extra seconds the peer may take: set when it has all it needs
         self.verdict: str | None = None  # "stall" or "slow" once tripped
 
     def progress(self, nbytes: int) -> None:
@@ -133,9 +135,9 @@ class Monitor:
         for watch in list(self._watches):
             if watch.pauses:
                 continue
-            if now - watch.last_activity >= self.stall_timeout:
+            if now - watch.last_activity >= self.stall_timeout + watch.grace:
                 watch.trip("stall")
-            elif median is not None and now - watch.started >= SLOW_GRACE:
+            elif median is not None and not watch.grace and now - watch.started >= SLOW_GRACE:
                 rate = watch.transferred / (now - watch.started)
                 if rate < SLOW_FRACTION * median:
                     watch.trip("slow")

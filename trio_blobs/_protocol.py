@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 import httpx
 
-from ._exceptions import AuthenticationError, ProtocolError, RegistryError
+from ._exceptions import AuthenticationError, IntegrityError, ProtocolError, RegistryError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
@@ -51,24 +51,45 @@ def _port(url: httpx.URL) -> int | None:
     return url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
-def redirect_target(current: httpx.URL, response: httpx.Response) -> httpx.URL:
-    """The URL a redirect response points at, resolved against ``current``.
+def location_target(
+    current: httpx.URL,
+    response: httpx.Response,
+    *,
+    headers: tuple[str, ...] = ("location",),
+    fallback: httpx.URL | None = None,
+) -> httpx.URL:
+    """Where a response sends the client next (a redirect, an upload session's next place),
+    resolved against ``current``, the URL it answered.
 
-    Raises :class:`ProtocolError` for a missing or unusable ``Location`` and for a downgrade
-    from https to http.
+    The first of ``headers`` present counts; without any, ``fallback`` if given. Raises
+    :class:`ProtocolError` for a missing or unusable location and for a downgrade from https to
+    http.
     """
-    location = response.headers.get("location")
-    if not location:
-        raise ProtocolError(f"redirect {response.status_code} without a Location", url=str(current))
+    location = next((response.headers[h] for h in headers if response.headers.get(h)), None)
+    if location is None:
+        if fallback is not None:
+            return fallback
+        raise ProtocolError(f"answer {response.status_code} without a Location", url=str(current))
     try:
         target = current.join(location)
     except httpx.InvalidURL as exc:
-        raise ProtocolError(f"unusable redirect Location {location!r}", url=str(current)) from exc
-    if target.scheme not in ("http", "https"):
-        raise ProtocolError(f"redirect to unsupported scheme {target.scheme!r}", url=str(current))
+        raise ProtocolError(f"unusable Location {location!r}", url=str(current)) from exc
+    if target.scheme not in ("http", "https") or not target.host:
+        raise ProtocolError(f"unusable Location {location!r}", url=str(current))
     if current.scheme == "https" and target.scheme == "http":
-        raise ProtocolError("refusing a redirect from https to http", url=str(target))
+        raise ProtocolError("refusing to go from https to http", url=str(target))
     return target
+
+
+def check_announced_digest(response: httpx.Response, digest: str) -> None:
+    """Raise :class:`IntegrityError` if ``Docker-Content-Digest`` names another digest."""
+    announced = response.headers.get("docker-content-digest")
+    if announced is not None and announced.strip() != digest:
+        raise IntegrityError(
+            f"server announced digest {announced.strip()}",
+            digest=digest,
+            url=str(response.request.url),
+        )
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -28,7 +28,7 @@ from ._protocol import (
     MAX_REDIRECTS,
     REDIRECT_STATUSES,
     error_for_response,
-    redirect_target,
+    location_target,
     same_origin,
 )
 
@@ -238,7 +238,7 @@ class RegistrySession:
                 raise ProtocolError(
                     f"more than {MAX_REDIRECTS} redirects", digest=digest, url=str(url)
                 )
-            url = redirect_target(url, response)
+            url = location_target(url, response)
             if status == 303:
                 method, body = "GET", None
 
@@ -264,7 +264,7 @@ async def _read_capped(response: httpx.Response) -> bytes:
     """Up to :data:`ERROR_BODY_LIMIT` bytes of a (small, informational) response body."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    async for chunk in response.aiter_bytes():  # also serves a body that was read already
         chunks.append(chunk)
         size += len(chunk)
         if size >= ERROR_BODY_LIMIT:

@@ -71,6 +71,16 @@ class Progress:
         self.total = total
         self.completed = 0
 
+    @contextmanager
+    def attempt(self) -> Iterator[AttemptProgress]:
+        """Count one attempt's bytes; if it fails (or is cancelled), take them all back."""
+        counted = AttemptProgress(self)
+        try:
+            yield counted
+        except BaseException:
+            counted.set(0)
+            raise
+
     def add(self, nbytes: int) -> None:
         """Count ``nbytes`` more (negative to roll back) and tell the caller."""
         self.completed += nbytes
@@ -80,6 +90,24 @@ class Progress:
             except BaseException:
                 self._callback = None
                 raise
+
+
+class AttemptProgress:
+    """The bytes one attempt has reported; see :meth:`Progress.attempt`."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self.value = 0
+
+    def set(self, value: int) -> None:
+        """This attempt has now moved ``value`` bytes (fewer after a rewind)."""
+        if value != self.value:
+            delta, self.value = value - self.value, value
+            self._progress.add(delta)
+
+    def add(self, nbytes: int) -> None:
+        """``nbytes`` more moved."""
+        self.set(self.value + nbytes)
 
 
 class Transfer:

@@ -7,19 +7,22 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterable
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import trio
 
-from ._digest import Blob, new_hasher
-from ._exceptions import IntegrityError, LocalFileError, ProtocolError, TransferError
+from ._digest import Blob, Hasher, hashed_digest, new_hasher
+from ._exceptions import LocalFileError, RegistryError, TransferError
 from ._monitor import Watch
+from ._protocol import check_announced_digest, location_target
 from ._retry import RetryPolicy
-from ._session import CLEANUP_TIMEOUT, GetToken, RegistrySession
+from ._session import Body, GetToken, RegistrySession
 from ._transfer import (
+    AttemptProgress,
     Progress,
     ProgressCallback,
     Transfer,
@@ -36,9 +39,15 @@ READ_SIZE = 1024 * 1024  # bytes read from a source file at a time
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_THRESHOLD = 1024 * 1024 * 1024
 HEAD_CONCURRENCY = 128
+ABANDON_TIMEOUT = 0.5  # seconds a best-effort DELETE of a failed upload session may take
+MAX_416_RECOVERIES = 3  # per attempt, before the attempt starts over with a new session
+COMMIT_GRACE = 60.0  # extra seconds a registry may take to answer once a blob is all sent,
+COMMIT_RATE = 20e6  # plus its size at this many bytes per second (it may hash or move it)
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_DIGEST_REF_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+_MEDIA_TYPE_RE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +133,8 @@ async def upload(
         await transfer.run_each([b for b in todo if b.digest not in present], pusher.push)
         manifest_digest = None
         if manifest_plan is not None:
-            manifest_digest = await pusher.push_manifest(*manifest_plan)
+            await pusher.push_manifest(*manifest_plan)
+            manifest_digest = manifest_plan[3]
     digests = [blob.digest for blob in todo]
     return UploadResult(
         uploaded=tuple(d for d in digests if d in pusher.uploaded),
@@ -136,8 +146,8 @@ async def upload(
 
 def _check_manifest(
     manifest: bytes | None, ref: str | None, media_type: str | None
-) -> tuple[bytes, str, str] | None:
-    """``(bytes, reference, media type)`` of the manifest to push, or None; checks arguments."""
+) -> tuple[bytes, str, str, str] | None:
+    """``(bytes, reference, media type, digest)`` of the manifest to push, or None."""
     if manifest is None:
         if ref is not None or media_type is not None:
             raise ValueError("manifest_ref and manifest_media_type need a manifest")
@@ -146,15 +156,15 @@ def _check_manifest(
         raise TypeError(f"manifest must be bytes, got {type(manifest).__name__}")
     digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     ref = digest if ref is None else ref
-    if not isinstance(ref, str) or not (_TAG_RE.fullmatch(ref) or _DIGEST_REF_RE.fullmatch(ref)):
-        raise ValueError(f"manifest_ref must be a tag or a digest, got {ref!r}")
-    if ref.startswith("sha") and ":" in ref and ref != digest:
-        raise ValueError(f"manifest_ref {ref} is not the manifest's digest {digest}")
+    if not isinstance(ref, str) or not (_TAG_RE.fullmatch(ref) or ref == digest):
+        raise ValueError(
+            f"manifest_ref must be a tag or the manifest's digest {digest}, got {ref!r}"
+        )
     if media_type is None:
         media_type = _declared_media_type(manifest) or DOCKER_MANIFEST_V2
-    if not isinstance(media_type, str) or not media_type or "\n" in media_type:
-        raise ValueError(f"manifest_media_type must be a media type, got {media_type!r}")
-    return manifest, ref, media_type
+    if not isinstance(media_type, str) or not _MEDIA_TYPE_RE.fullmatch(media_type):
+        raise ValueError(f"the manifest's media type must be type/subtype, got {media_type!r}")
+    return manifest, ref, media_type, digest
 
 
 def _declared_media_type(manifest: bytes) -> str | None:
@@ -162,18 +172,20 @@ def _declared_media_type(manifest: bytes) -> str | None:
         declared = json.loads(manifest).get("mediaType")
     except (ValueError, AttributeError):
         return None
-    return declared if isinstance(declared, str) and declared else None
+    return declared if isinstance(declared, str) else None
 
 
 def _check_sources(src: Path, blobs: list[Blob]) -> None:
-    """Every blob's file exists with the blob's size, or nothing is pushed."""
+    """Every blob's file is a readable regular file of the blob's size, or nothing is pushed."""
     for blob in blobs:
         path = src / blob.file_name
-        with local_file_errors(blob.digest, path):
-            size = path.stat().st_size
-        if size != blob.size:
+        with local_file_errors(blob.digest, path), path.open("rb") as file:
+            info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise LocalFileError(f"{path} is not a regular file", digest=blob.digest)
+        if info.st_size != blob.size:
             raise LocalFileError(
-                f"{path} has {size} bytes, the blob has {blob.size}", digest=blob.digest
+                f"{path} has {info.st_size} bytes, the blob has {blob.size}", digest=blob.digest
             )
 
 
@@ -183,136 +195,144 @@ def _with_digest(location: httpx.URL, digest: str) -> httpx.URL:
     return httpx.URL(f"{url}{'&' if location.query else '?'}digest={digest}")
 
 
-def _upload_location(
-    response: httpx.Response, digest: str, current: httpx.URL | None = None
-) -> httpx.URL:
-    """Where an upload session continues, from a POST, PATCH or status answer; ``current``
-    when the answer names no new place."""
-    location = response.headers.get("location") or response.headers.get("docker-upload-location")
-    if not location and current is not None:
-        return current
-    if not location:
-        raise ProtocolError(
-            f"upload answer {response.status_code} without a Location",
-            digest=digest,
-            url=str(response.request.url),
-        )
-    return response.request.url.join(location)
+def _session_location(response: httpx.Response, current: httpx.URL | None = None) -> httpx.URL:
+    """Where an upload session goes on, from a POST, PATCH or status answer (``current`` when a
+    PATCH answer names no new place)."""
+    return location_target(
+        response.request.url,
+        response,
+        headers=("location", "docker-upload-location"),
+        fallback=current,
+    )
 
 
-def _range_end(response: httpx.Response) -> int | None:
-    """The last byte offset a ``Range: 0-<end>`` answer says the registry holds, if any."""
+def _held(response: httpx.Response) -> int:
+    """How many bytes an upload session holds, from a ``Range: 0-<end>`` status answer.
+
+    ``0-0`` is what registries say of an empty session (it could mean one byte: then the next
+    PATCH is refused again, and the attempt ends after a few such rounds)."""
     match = re.fullmatch(r"\s*(?:bytes=)?0-(\d+)\s*", response.headers.get("range", ""))
-    return int(match[1]) if match else None
+    if match is None or match[1] == "0":
+        return 0
+    return int(match[1]) + 1
 
 
-class _FileBody:
-    """The request body of one blob's upload: its file's bytes, hashed on the way.
+def _chunk_min_length(response: httpx.Response) -> int:
+    """The registry's ``OCI-Chunk-Min-Length``, or 0 when absent or not a number."""
+    value = response.headers.get("oci-chunk-min-length", "").strip()
+    return int(value) if value.isascii() and value.isdigit() else 0
 
-    :meth:`part` picks the range the next request sends; calling the body makes a fresh stream
-    of that range (again after a redirect or a token refresh). Bytes are hashed once, in order,
-    and when the last byte of the blob has been hashed the digest is checked before that byte
-    leaves, so a file that changed can never complete an upload. Bytes sent count for progress
-    until :meth:`rollback` takes back those not :meth:`commit`-ted.
+
+class _Source:
+    """One blob's file during one push attempt.
+
+    Streams of its bytes hash what they send and check the digest before the blob's last byte
+    leaves, so a file that changed can never complete an upload: not the first time, and not
+    when a range is sent again after a redirect, a token refresh or a 416. The hash state at the
+    offset the registry acknowledged last lets a chunked upload go on from there.
     """
 
-    def __init__(self, transfer: Transfer, blob: Blob, path: Path, watch: Watch) -> None:
+    def __init__(self, blob: Blob, path: Path, watch: Watch, counted: AttemptProgress) -> None:
         self.blob = blob
         self.path = path
-        self._transfer = transfer
-        self._watch = watch
-        self._hasher = new_hasher(blob.digest)
-        self._hashed = 0  # bytes [0, _hashed) went into the hasher
-        self._counted = 0  # bytes reported to progress and not committed yet
-        self._range = (0, 0)
+        self.watch = watch
+        self.counted = counted
+        self._fd: int | None = None
+        self._acked: tuple[int, Hasher] = (0, new_hasher(blob.digest))
+        self._finished: tuple[int, Hasher] | None = None
 
-    def part(self, offset: int, length: int) -> _FileBody:
-        """Send ``length`` bytes from ``offset`` in the next requests."""
-        self._range = (offset, offset + length)
-        return self
+    def body(self, start: int, end: int) -> Callable[[], AsyncIterator[bytes]]:
+        """A request body of bytes ``[start, end)``: a fresh stream each time it is sent."""
+        return lambda: _FileStream(self, start, end)
 
-    def __call__(self) -> AsyncIterator[bytes]:
-        self.rollback()
-        return _FileStream(self, *self._range)
+    def read(self, position: int, size: int) -> bytes:
+        """``size`` bytes from ``position``; the file is opened on first use."""
+        with local_file_errors(self.blob.digest, self.path):
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            data = os.pread(self._fd, size, position)
+        if len(data) != size:
+            raise LocalFileError(
+                f"{self.path} ended at {position + len(data)} of {self.blob.size} bytes",
+                digest=self.blob.digest,
+            )
+        return data
 
-    def sent(self, nbytes: int) -> None:
-        """``nbytes`` more went out."""
-        self._watch.progress(nbytes)
-        self._counted += nbytes
-        self._transfer.progress.add(nbytes)
+    def close(self) -> None:
+        """Close the file, if it was opened."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def commit(self) -> None:
-        """The registry accepted what was sent: it stays counted."""
-        self._counted = 0
+    def hasher_at(self, offset: int) -> Hasher:
+        """A hasher that has hashed bytes ``[0, offset)``."""
+        acked_offset, acked = self._acked
+        if offset == acked_offset:
+            return acked.copy()
+        hasher = new_hasher(self.blob.digest)  # the registry holds other than what we know
+        for position in range(0, offset, READ_SIZE):
+            hasher.update(self.read(position, min(READ_SIZE, offset - position)))
+        return hasher
 
-    def rollback(self) -> None:
-        """Take back the progress of bytes sent since the last commit."""
-        if self._counted:
-            self._transfer.progress.add(-self._counted)
-            self._counted = 0
+    def finished(self, end: int, hasher: Hasher) -> None:
+        """A stream sent everything up to ``end``, hashed by ``hasher``."""
+        self._finished = (end, hasher)
 
-    def hash(self, position: int, chunk: bytes) -> None:
-        """Hash the part of ``chunk`` (read at ``position``) not hashed yet."""
-        skip = self._hashed - position
-        if skip < len(chunk):
-            self._hasher.update(memoryview(chunk)[max(skip, 0) :])
-            self._hashed = position + len(chunk)
-            if self._hashed == self.blob.size:
-                self.verify()
+    def acknowledge(self, offset: int) -> None:
+        """The registry holds bytes ``[0, offset)``."""
+        if self._finished is not None and self._finished[0] == offset:
+            self._acked = self._finished
+        else:
+            self._acked = (offset, self.hasher_at(offset))
 
-    def verify(self) -> None:
-        """Raise unless the whole file was hashed and matches the blob's digest."""
-        blob = self.blob
-        actual = f"{blob.digest.partition(':')[0]}:{self._hasher.hexdigest()}"
-        if self._hashed != blob.size or actual != blob.digest:
+    def verify(self, hasher: Hasher | None = None) -> None:
+        """Raise unless ``hasher`` (default: the acknowledged state) covers the whole file and
+        matches the blob's digest."""
+        offset, hasher = (self.blob.size, hasher) if hasher is not None else self._acked
+        actual = hashed_digest(self.blob.digest, hasher)
+        if offset != self.blob.size or actual != self.blob.digest:
             raise LocalFileError(
                 f"{self.path} does not match its digest (it hashes to {actual}): "
                 "the file changed or is corrupt",
-                digest=blob.digest,
+                digest=self.blob.digest,
             )
 
 
 class _FileStream:
-    """Bytes ``[start, end)`` of a blob's file, read a buffer at a time.
+    """Bytes ``[start, end)`` of a :class:`_Source`, read a buffer at a time.
 
     An iterator rather than an async generator, so that a request that stops early leaves
-    nothing suspended; the file is closed at the end, on error, or when the stream is dropped.
+    nothing suspended. The attempt's progress follows the position of the newest stream.
     """
 
-    def __init__(self, body: _FileBody, start: int, end: int) -> None:
-        self._body = body
+    def __init__(self, source: _Source, start: int, end: int) -> None:
+        self._source = source
         self._position = start
         self._end = end
-        self._pending = 0  # bytes handed out and not yet known to be sent
-        with local_file_errors(body.blob.digest, body.path):
-            self._file = body.path.open("rb", buffering=0)
-            self._file.seek(start)
+        self._pending = 0  # bytes handed out, not yet known to be sent
+        self._hasher = source.hasher_at(start)
+        source.counted.set(start)
 
     def __aiter__(self) -> _FileStream:
         return self
 
     async def __anext__(self) -> bytes:
-        # Being asked for more means the previous buffer went out.
-        if self._pending:
-            self._body.sent(self._pending)
+        source = self._source
+        if self._pending:  # being asked for more means the last buffer went out
+            source.watch.progress(self._pending)
+            source.counted.set(self._position)
             self._pending = 0
         if self._position >= self._end:
-            self._file.close()
+            if self._end == source.blob.size:
+                source.verify(self._hasher)  # for an empty blob, nothing was checked yet
+                source.watch.grace = COMMIT_GRACE + source.blob.size / COMMIT_RATE
+            source.finished(self._end, self._hasher)
             raise StopAsyncIteration
-        body = self._body
-        try:
-            with local_file_errors(body.blob.digest, body.path):
-                chunk = self._file.read(min(READ_SIZE, self._end - self._position))
-            if not chunk:
-                raise LocalFileError(
-                    f"{body.path} ended at {self._position} of {body.blob.size} bytes",
-                    digest=body.blob.digest,
-                )
-            body.hash(self._position, chunk)
-        except BaseException:
-            self._file.close()
-            raise
+        chunk = source.read(self._position, min(READ_SIZE, self._end - self._position))
+        self._hasher.update(chunk)
         self._position += len(chunk)
+        if self._position == source.blob.size:
+            source.verify(self._hasher)
         self._pending = len(chunk)
         return chunk
 
@@ -337,15 +357,7 @@ class _Pusher:
 
         async def check(blob: Blob) -> None:
             async def attempt(watch: Watch) -> None:
-                response = await self._session.request(
-                    "HEAD",
-                    self._session.url(f"blobs/{blob.digest}"),
-                    expect=(200, 404),
-                    digest=blob.digest,
-                    what="blob check",
-                    watch=watch,
-                )
-                if response.status_code == 200:
+                if await self._exists(blob, watch):
                     present.add(blob.digest)
 
             await self._transfer.with_retries(blob, attempt, limiter=limiter)
@@ -353,118 +365,52 @@ class _Pusher:
         await self._transfer.run_each(blobs, check)
         return present
 
+    async def _exists(self, blob: Blob, watch: Watch) -> bool:
+        response = await self._session.request(
+            "HEAD",
+            self._session.url(f"blobs/{blob.digest}"),
+            expect=(200, 404),
+            digest=blob.digest,
+            what="blob check",
+            watch=watch,
+        )
+        return response.status_code == 200
+
     async def push(self, blob: Blob) -> None:
-        """Mount or upload one blob, retrying as the policy allows."""
+        """Mount or upload one blob, retrying as the policy allows. An attempt after a failed
+        one asks first whether the blob arrived after all (its answer may be what was lost)."""
+        tried = False
 
         async def attempt(watch: Watch) -> None:
-            await self._attempt(blob, watch)
+            nonlocal tried
+            if tried and await self._exists(blob, watch):
+                self._transfer.progress.add(blob.size)
+                self.uploaded.add(blob.digest)
+                return
+            tried = True
+            with self._transfer.progress.attempt() as counted:
+                source = _Source(blob, self._src / blob.file_name, watch, counted)
+                push = _Push(self, source)
+                try:
+                    mounted = await push.run()
+                finally:
+                    source.close()
+                    if push.location is not None:
+                        await self._abandon(push.location)
+            (self.mounted if mounted else self.uploaded).add(blob.digest)
 
         await self._transfer.with_retries(blob, attempt)
 
-    async def _attempt(self, blob: Blob, watch: Watch) -> None:
-        body = _FileBody(self._transfer, blob, self._src / blob.file_name, watch)
-        location: httpx.URL | None = None
-        try:
-            started = await self._start(blob, watch)
-            if started.status_code == 201:
-                self.mounted.add(blob.digest)
-                self._transfer.progress.add(blob.size)
-                return
-            location = _upload_location(started, blob.digest)
-            min_chunk = int(started.headers.get("oci-chunk-min-length", "0") or 0)
-            if self._chunk_size or min_chunk or blob.size > self._chunk_threshold:
-                chunk = max(self._chunk_size or DEFAULT_CHUNK_SIZE, min_chunk)
-                location = await self._send_chunks(blob, body, location, chunk, watch)
-                body.verify()
-                await self._put(blob, _with_digest(location, blob.digest), b"", 0, watch)
-            else:
-                await self._put(
-                    blob,
-                    _with_digest(location, blob.digest),
-                    body.part(0, blob.size),
-                    blob.size,
-                    watch,
-                )
-            location = None
-            body.commit()
-            self.uploaded.add(blob.digest)
-        finally:
-            body.rollback()
-            if location is not None:
-                await self._abandon(location)
-
-    async def _start(self, blob: Blob, watch: Watch) -> httpx.Response:
-        """POST a new upload session, or a mount when the blob names a source repository."""
-        url = self._session.url("blobs/uploads/")
-        expect: tuple[int, ...] = (202,)
-        if blob.mount_from is not None:
-            # Both are validated to URL-safe characters: sent as registries document them.
-            url = url.copy_with(query=f"mount={blob.digest}&from={blob.mount_from}".encode())
-            expect = (201, 202)
-        return await self._session.request(
-            "POST", url, expect=expect, digest=blob.digest, what="upload start", watch=watch
-        )
-
-    async def _put(
-        self, blob: Blob, url: httpx.URL, body: _FileBody | bytes, length: int, watch: Watch
-    ) -> None:
-        await self._session.request(
-            "PUT",
-            url,
-            expect=(201,),
-            digest=blob.digest,
-            what="upload",
-            headers={"content-type": "application/octet-stream", "content-length": str(length)},
-            body=body,
-            watch=watch,
-        )
-
-    async def _send_chunks(
-        self, blob: Blob, body: _FileBody, location: httpx.URL, chunk: int, watch: Watch
-    ) -> httpx.URL:
-        """PATCH the blob in chunks to the newest Location; returns where to close it."""
-        session = self._session
-        offset = 0
-        while offset < blob.size:
-            length = min(chunk, blob.size - offset)
-            response = await session.request(
-                "PATCH",
-                location,
-                expect=(201, 202, 416),
-                digest=blob.digest,
-                what="upload chunk",
-                headers={
-                    "content-type": "application/octet-stream",
-                    "content-length": str(length),
-                    "content-range": f"{offset}-{offset + length - 1}",
-                },
-                body=body.part(offset, length),
-                watch=watch,
-            )
-            if response.status_code == 416:
-                body.rollback()
-                location, held = await self._upload_status(blob, location, watch)
-                self._transfer.progress.add(held - offset)  # the registry holds more, or less
-                offset = held
-                continue
-            body.commit()  # 202, or a 201 (some registries answer so, with a stale Range)
-            location = _upload_location(response, blob.digest, location)
-            offset += length
-        return location
-
-    async def _upload_status(
-        self, blob: Blob, location: httpx.URL, watch: Watch
-    ) -> tuple[httpx.URL, int]:
-        """Ask where an upload session stands (after a 416): its Location and next offset."""
-        response = await self._session.request(
-            "GET", location, expect=(204,), digest=blob.digest, what="upload status", watch=watch
-        )
-        end = _range_end(response)
-        return _upload_location(response, blob.digest, location), 0 if end is None else end + 1
+    def chunk_size(self, blob: Blob, started: httpx.Response) -> int | None:
+        """The chunk size to push ``blob`` with, or None for one PUT."""
+        min_chunk = _chunk_min_length(started)
+        if self._chunk_size or min_chunk or blob.size > self._chunk_threshold:
+            return max(self._chunk_size or DEFAULT_CHUNK_SIZE, min_chunk)
+        return None
 
     async def _abandon(self, location: httpx.URL) -> None:
         """Delete an unfinished upload session: best effort, shielded and short."""
-        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+        with trio.move_on_after(ABANDON_TIMEOUT, shield=True):
             try:
                 await self._session.request(
                     "DELETE", location, expect=range(200, 600), digest=None, what="upload cancel"
@@ -472,28 +418,121 @@ class _Pusher:
             except TransferError as exc:
                 self._session.logger.debug("could not abandon upload %s: %s", location, exc)
 
-    async def push_manifest(self, manifest: bytes, ref: str, media_type: str) -> str:
-        """PUT the manifest as given; returns its digest, checked against the registry's."""
-        blob = Blob.from_bytes(manifest)
+    async def push_manifest(self, manifest: bytes, ref: str, media_type: str, digest: str) -> None:
+        """PUT the manifest as given, and check the digest the registry stored it under."""
 
         async def attempt(watch: Watch) -> None:
             response = await self._session.request(
                 "PUT",
                 self._session.url(f"manifests/{ref}"),
                 expect=(200, 201),
-                digest=blob.digest,
+                digest=digest,
                 what="manifest",
                 headers={"content-type": media_type},
                 body=manifest,
                 watch=watch,
             )
-            announced = response.headers.get("docker-content-digest")
-            if announced is not None and announced.strip() != blob.digest:
-                raise IntegrityError(
-                    f"registry stored the manifest as {announced.strip()}",
-                    digest=blob.digest,
-                    url=str(response.request.url),
-                )
+            check_announced_digest(response, digest)
 
-        await self._transfer.with_retries(blob, attempt)
-        return blob.digest
+        await self._transfer.with_retries(Blob(digest, len(manifest)), attempt)
+
+
+class _Push:
+    """One attempt at pushing one blob: a mount, or an upload session and its requests."""
+
+    def __init__(self, pusher: _Pusher, source: _Source) -> None:
+        self._pusher = pusher
+        self._session = pusher._session
+        self._source = source
+        self.location: httpx.URL | None = None  # the open session's newest place
+
+    async def run(self) -> bool:
+        """Push the blob; True if the registry mounted it instead."""
+        source, blob = self._source, self._source.blob
+        url = self._session.url("blobs/uploads/")
+        if blob.mount_from is not None:
+            # Both are validated to URL-safe characters: sent as registries document them.
+            url = url.copy_with(query=f"mount={blob.digest}&from={blob.mount_from}".encode())
+        started = await self._request("POST", url, (201, 202), "upload start")
+        if started.status_code == 201:
+            source.counted.set(blob.size)
+            return True
+        location = self.location = _session_location(started)
+        chunk_size = self._pusher.chunk_size(blob, started)
+        body: Body = source.body(0, blob.size)
+        if chunk_size is not None:
+            location = await self._send_chunks(location, chunk_size)
+            source.verify()
+            source.watch.grace = COMMIT_GRACE + blob.size / COMMIT_RATE
+            body = b""
+        await self._request(
+            "PUT",
+            _with_digest(location, blob.digest),
+            (201,),
+            "upload",
+            body=body,
+            length=0 if chunk_size is not None else blob.size,
+        )
+        self.location = None
+        return False
+
+    async def _send_chunks(self, location: httpx.URL, chunk_size: int) -> httpx.URL:
+        """PATCH the blob in chunks, each to the session's newest location (returned at the
+        end); after a 416, ask the session where it stands and go on from there."""
+        source, size = self._source, self._source.blob.size
+        offset = refusals = 0
+        while offset < size:
+            end = min(offset + chunk_size, size)
+            response = await self._request(
+                "PATCH",
+                location,
+                (201, 202, 416),  # 201: some registries say so, with a stale Range
+                "upload chunk",
+                body=source.body(offset, end),
+                length=end - offset,
+                extra={"content-range": f"{offset}-{end - 1}"},
+            )
+            if response.status_code == 416:
+                refusals += 1
+                if refusals > MAX_416_RECOVERIES:  # start over with a new session
+                    raise RegistryError(
+                        f"upload chunk refused {refusals} times with 416 Range Not Satisfiable",
+                        status=416,
+                        retryable=True,
+                        digest=source.blob.digest,
+                        url=str(location),
+                    )
+                status = await self._request("GET", location, (204,), "upload status")
+                location = self.location = _session_location(status, location)
+                offset = _held(status)
+            else:
+                location = self.location = _session_location(response, location)
+                offset = end
+            source.acknowledge(offset)
+        return location
+
+    async def _request(
+        self,
+        method: str,
+        url: httpx.URL,
+        expect: tuple[int, ...],
+        what: str,
+        *,
+        body: Body = None,
+        length: int | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        headers = dict(extra or {})
+        if length is not None:
+            headers["content-type"] = "application/octet-stream"
+            headers["content-length"] = str(length)
+        return await self._session.request(
+            method,
+            url,
+            expect=expect,
+            digest=self._source.blob.digest,
+            what=what,
+            headers=headers,
+            body=body,
+            watch=self._source.watch,
+        )

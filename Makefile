@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/download.py
+	$(BIN)/trio-blobs demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,6 +19,14 @@ from ._exceptions import (
     StallError,
     TransferError,
 )
+from ._manifest import (
+    Descriptor,
+    Manifest,
+    Platform,
+    PlatformNotFoundError,
+    Reference,
+    fetch_manifest,
+)
 from ._retry import RetryPolicy
 from ._upload import UploadResult, upload
 
@@ -27,10 +35,15 @@ __all__ = [
     "AuthenticationError",
     "Blob",
     "ConnectionFailedError",
+    "Descriptor",
     "DownloadResult",
     "IntegrityError",
     "LocalFileError",
+    "Manifest",
+    "Platform",
+    "PlatformNotFoundError",
     "ProtocolError",
+    "Reference",
     "RegistryAuth",
     "RegistryError",
     "RetriesExhaustedError",
@@ -41,6 +54,7 @@ __all__ = [
     "UploadResult",
     "digest_to_path",
     "download",
+    "fetch_manifest",
     "parse_auth_challenge",
     "path_to_digest",
     "upload",

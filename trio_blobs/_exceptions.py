@@ -12,6 +12,7 @@ URL it concerns where there is one, and keeps the underlying error as ``__cause_
     ├── SlowTransferError        the transfer ran far below the recent median rate
     ├── ConnectionFailedError    the connection failed or dropped (``__cause__`` is httpx's error)
     ├── LocalFileError           reading or writing a local file failed (disk full, permissions)
+    ├── PlatformNotFoundError    an index has no image for the platform asked for
     └── RetriesExhaustedError    every attempt failed; ``last_error`` is the final one
 
 ``trio.Cancelled`` and ``KeyboardInterrupt`` are never wrapped.

@@ -22,6 +22,7 @@ MAX_REDIRECTS = 10
 # Path components of a repository name: generous enough for every real registry, strict enough
 # that a name can never step out of its URL path.
 _REPOSITORY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # the distribution spec's tag grammar
 
 
 def check_repository(repository: object) -> str:

@@ -18,7 +18,7 @@ import trio
 from ._digest import Blob, Hasher, hashed_digest, new_hasher
 from ._exceptions import LocalFileError, RegistryError, TransferError
 from ._monitor import Watch
-from ._protocol import check_announced_digest, location_target
+from ._protocol import TAG_RE, check_announced_digest, location_target
 from ._retry import RetryPolicy
 from ._session import Body, GetToken, RegistrySession
 from ._transfer import (
@@ -44,7 +44,6 @@ MAX_416_RECOVERIES = 3  # per attempt, before the attempt starts over with a new
 COMMIT_GRACE = 60.0  # extra seconds a registry may take to answer once a blob is all sent,
 COMMIT_RATE = 20e6  # plus its size at this many bytes per second (it may hash or move it)
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _MEDIA_TYPE_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 )
@@ -156,7 +155,7 @@ def _check_manifest(
         raise TypeError(f"manifest must be bytes, got {type(manifest).__name__}")
     digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     ref = digest if ref is None else ref
-    if not isinstance(ref, str) or not (_TAG_RE.fullmatch(ref) or ref == digest):
+    if not isinstance(ref, str) or not (TAG_RE.fullmatch(ref) or ref == digest):
         raise ValueError(
             f"manifest_ref must be a tag or the manifest's digest {digest}, got {ref!r}"
         )

@@ -1,0 +1,812 @@
+# ruff: noqa: F811 - test parameters name the fixtures imported from _real
+"""The ``trio-blobs`` command, end to end through ``python -m trio_blobs`` against the in-process
+registry on a loopback port, and against the distribution registry with skopeo reading what it
+wrote; plus its parsers (references, platforms, manifests) as pure functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from trio_blobs import Blob, IntegrityError, ProtocolError, RetriesExhaustedError, upload
+from trio_blobs._cli import main
+from trio_blobs._manifest import (
+    Manifest,
+    Platform,
+    PlatformNotFoundError,
+    Reference,
+    fetch_manifest,
+)
+from trio_blobs.testing import Fault, Registry
+
+from ._helpers import BASE_URL
+from ._real import RealRegistry, plain_registry, programs, skopeo  # noqa: F401 - fixtures
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DIGEST = "sha256:" + "ab" * 32
+CLI = (sys.executable, "-m", "trio_blobs")
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image stored in a registry: its blobs' contents, config first, and its manifest."""
+
+    contents: list[bytes]
+    manifest: bytes
+    media_type: str = OCI_MANIFEST
+
+    @property
+    def blobs(self) -> list[Blob]:
+        return [Blob.from_bytes(data) for data in self.contents]
+
+    @property
+    def digest(self) -> str:
+        return Blob.from_bytes(self.manifest).digest
+
+
+def make_image(*sizes: int, config: bytes = b'{"os": "linux"}', docker: bool = False) -> Image:
+    """An OCI image (or a Docker schema 2 one, as ollama's registry serves) of random layers."""
+    contents = [config, *(os.urandom(size) for size in sizes)]
+    config_blob, *layers = [Blob.from_bytes(data) for data in contents]
+    manifest_type, config_type, layer_type = (
+        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
+        if docker
+        else (OCI_MANIFEST, "application/json", "application/octet-stream")
+    )
+    document = {
+        "schemaVersion": 2,
+        "mediaType": manifest_type,
+        "config": {
+            "mediaType": config_type,
+            "digest": config_blob.digest,
+            "size": config_blob.size,
+        },
+        "layers": [{"mediaType": layer_type, "digest": b.digest, "size": b.size} for b in layers],
+    }
+    return Image(contents, json.dumps(document).encode(), manifest_type)
+
+
+def store(registry: Registry, image: Image, repository: str, tag: str) -> None:
+    for data in image.contents:
+        registry.add_blob(data, repository)
+    stored = registry.manifests.setdefault(repository, {})
+    stored[tag] = stored[image.digest] = (image.manifest, image.media_type)
+
+
+@dataclass
+class Served:
+    registry: Registry
+    url: str
+
+    @property
+    def host(self) -> str:
+        return self.url.removeprefix("http://")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    registry = Registry()
+    async with registry.serving() as url:
+        yield Served(registry, url)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict[str, object]:
+        """The ``--json`` line."""
+        record: dict[str, object] = json.loads(self.stdout.splitlines()[-1])
+        return record
+
+
+async def cli(*args: object, stdin: bytes = b"", env: dict[str, str] | None = None) -> Run:
+    """Run ``python -m trio_blobs ARGS`` to completion."""
+    done = await trio.run_process(
+        [*CLI, *map(str, args)],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def blob_gets(registry: Registry) -> list[str]:
+    return [r.url for r in registry.requests if r.method == "GET" and "/blobs/" in r.url]
+
+
+def files(root: Path) -> set[str]:
+    """Every file and directory below ``root``, as relative paths."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+def assert_pulled(root: Path, layout: str, image: Image, manifest_name: str) -> None:
+    """``root`` holds the image in ``layout`` and nothing half-written."""
+    for blob, data in zip(image.blobs, image.contents, strict=True):
+        hex_ = blob.digest.partition(":")[2]
+        path = root / (f"blobs/sha256-{hex_}" if layout == "ollama" else f"blobs/sha256/{hex_}")
+        assert path.read_bytes() == data
+    if layout == "ollama":
+        assert (root / "manifests" / manifest_name).read_bytes() == image.manifest
+    else:
+        index = json.loads((root / "index.json").read_text())
+        [entry] = index["manifests"]
+        assert entry["digest"] == image.digest
+        assert entry["annotations"]["org.opencontainers.image.ref.name"] == manifest_name
+        assert (root / "oci-layout").is_file()
+    assert not [name for name in files(root) if "partial" in name or "trio-blobs" in name]
+
+
+# -- pull ----------------------------------------------------------------------------------------
+
+
+async def test_pull_into_the_ollama_layout_and_again_transfers_nothing(
+    served: Served, tmp_path: Path
+) -> None:
+    image = make_image(1000, 300_000, 3_000_000)
+    store(served.registry, image, "library/model", "v1")
+    ref = f"http://{served.host}/library/model:v1"
+
+    first = await cli("pull", ref, tmp_path, "--json")
+    assert first.returncode == 0, first.stderr
+    assert first.summary["ok"] is True
+    assert first.summary["transferred"] == first.summary["blobs"] == 4
+    assert first.summary["digest"] == image.digest
+    assert_pulled(tmp_path, "ollama", image, f"{served.host}/library/model/v1")
+    assert len(blob_gets(served.registry)) == 4
+
+    served.registry.requests.clear()
+    again = await cli("pull", ref, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stdout
+    assert blob_gets(served.registry) == []
+
+
+async def test_pull_into_an_oci_layout_and_again_transfers_nothing(
+    served: Served, tmp_path: Path
+) -> None:
+    image = make_image(10, 2_000_000)
+    store(served.registry, image, "org/app", "1.0")
+    ref = f"{served.host}/org/app:1.0"
+    for _ in range(2):
+        done = await cli("pull", ref, tmp_path, "--insecure", "--layout", "oci", "--json")
+        assert done.returncode == 0, done.stderr
+        assert_pulled(tmp_path, "oci", image, "1.0")
+    assert done.summary["transferred"] == 0
+    assert len(blob_gets(served.registry)) == 3
+    assert (tmp_path / "blobs/sha256" / image.digest.partition(":")[2]).read_bytes() == (
+        image.manifest
+    )
+
+
+@pytest.mark.parametrize("layout", ["ollama", "oci"])
+async def test_push_from_either_layout(served: Served, tmp_path: Path, layout: str) -> None:
+    image = make_image(100, 1_500_000)
+    store(served.registry, image, "library/model", "v1")
+    pulled = await cli(
+        "pull", f"http://{served.host}/library/model:v1", tmp_path, "--layout", layout
+    )
+    assert pulled.returncode == 0, pulled.stderr
+
+    pushed = await cli("push", tmp_path, f"http://{served.host}/copies/model:v2", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.summary["transferred"] == 3
+    assert served.registry.manifests["copies/model"]["v2"] == (image.manifest, OCI_MANIFEST)
+    for blob, data in zip(image.blobs, image.contents, strict=True):
+        assert served.registry.blobs["copies/model"][blob.digest] == data
+
+    mounted = await cli(
+        "push", tmp_path, f"http://{served.host}/more/model:v1", "--mount-from", "copies/model"
+    )
+    assert mounted.returncode == 0, mounted.stderr
+    assert "0 blobs uploaded" in mounted.stdout
+    assert "3 mounted" in mounted.stdout
+    assert served.registry.manifests["more/model"]["v1"][0] == image.manifest
+    assert not [name for name in files(tmp_path) if "outgoing" in name]
+
+
+async def test_push_says_which_image_when_dir_holds_several(served: Served, tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        store(served.registry, make_image(10), f"library/{name}", "latest")
+        done = await cli("pull", f"http://{served.host}/library/{name}", tmp_path)
+        assert done.returncode == 0, done.stderr
+    target = f"http://{served.host}/elsewhere/model:v1"
+
+    ambiguous = await cli("push", tmp_path, target)
+    assert ambiguous.returncode == 1
+    assert "--image" in ambiguous.stderr
+    assert f"{served.host}/library/one:latest" in ambiguous.stderr
+
+    chosen = await cli("push", tmp_path, target, "--image", "library/two:latest")
+    assert chosen.returncode == 0, chosen.stderr
+    assert "library/two:latest" in chosen.stdout
+
+    empty = await cli("push", tmp_path / "nothing", target)
+    assert empty.returncode == 1
+    assert "no image in" in empty.stderr
+
+
+# -- indexes -------------------------------------------------------------------------------------
+
+
+async def test_pull_resolves_an_index_to_a_platform(served: Served, tmp_path: Path) -> None:
+    images = {
+        "linux/amd64": make_image(100, config=b'{"architecture": "amd64"}'),
+        "linux/arm64/v8": make_image(200, config=b'{"architecture": "arm64"}'),
+    }
+    entries = []
+    for name, image in images.items():
+        src = tmp_path / "src" / image.digest
+        src.mkdir(parents=True)
+        for blob, data in zip(image.blobs, image.contents, strict=True):
+            (src / blob.file_name).write_bytes(data)
+        await upload(
+            image.blobs,
+            base_url=served.url,
+            repository="org/multi",
+            src_dir=src,
+            manifest=image.manifest,
+        )
+        os_, arch, variant = name.split("/") + [None] * (3 - len(name.split("/")))
+        platform = {"os": os_, "architecture": arch} | ({"variant": variant} if variant else {})
+        entries.append(
+            {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)}
+            | {"platform": platform}
+        )
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    await upload(
+        [],
+        base_url=served.url,
+        repository="org/multi",
+        manifest=index,
+        manifest_ref="v1",
+        src_dir=tmp_path,
+    )
+
+    ref = f"http://{served.host}/org/multi:v1"
+    for wanted, name in (("linux/arm64", "linux/arm64/v8"), ("linux/x86_64", "linux/amd64")):
+        dest = tmp_path / wanted.replace("/", "-")
+        done = await cli("pull", ref, dest, "--platform", wanted, "--json")
+        assert done.returncode == 0, done.stderr
+        assert done.summary["digest"] == images[name].digest
+        assert_pulled(dest, "ollama", images[name], f"{served.host}/org/multi/v1")
+
+    missing = await cli("pull", ref, tmp_path / "s390x", "--platform", "linux/s390x")
+    assert missing.returncode == 1
+    assert "no manifest for linux/s390x" in missing.stderr
+    assert "--platform linux/amd64 or --platform linux/arm64/v8" in missing.stderr
+    assert not (tmp_path / "s390x").exists()
+
+
+PLATFORMS = [Platform("linux", "amd64"), Platform("linux", "arm", "v6"), Platform("linux", "arm")]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "chosen"),
+    [
+        ("linux/amd64", 0),
+        ("linux/x86_64", 0),
+        ("linux/arm/v7", 2),  # the entry without a variant is v7
+        ("linux/arm/v6", 1),
+        ("linux/armv7l", 2),
+        ("linux/arm/v8", 2),  # v7 is the closest older variant
+        ("linux/arm/v5", None),
+        ("windows/amd64", None),
+        ("linux/arm64", None),
+    ],
+)
+def test_platform_selection(wanted: str, chosen: int | None) -> None:
+    index = Manifest.parse(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {"mediaType": OCI_MANIFEST, "digest": DIGEST, "size": 1, "platform": p}
+                    | {"annotations": {"n": str(i)}}
+                    for i, p in enumerate(
+                        [
+                            {"os": p.os, "architecture": p.architecture}
+                            | ({"variant": p.variant} if p.variant else {})
+                            for p in PLATFORMS
+                        ]
+                    )
+                ],
+            }
+        ).encode()
+    )
+    assert index.is_index
+    if chosen is None:
+        with pytest.raises(PlatformNotFoundError):
+            index.select(Platform.parse(wanted))
+    else:
+        assert index.select(Platform.parse(wanted)).platform == PLATFORMS[chosen]
+
+
+# -- fetch_manifest ------------------------------------------------------------------------------
+
+
+async def test_fetch_manifest_asks_for_every_manifest_type_and_resolves_an_index(
+    registry: Registry, client: httpx.AsyncClient
+) -> None:
+    amd, arm = make_image(10), make_image(20, docker=True)
+    store(registry, amd, "org/app", "amd")
+    store(registry, arm, "org/app", "arm")
+    entries = [
+        {"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest)}
+        | {"platform": {"os": "linux", "architecture": arch}}
+        for image, arch in ((amd, "amd64"), (arm, "arm64"))
+    ]
+    index = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries})
+    registry.manifests["org/app"]["v1"] = (index.encode(), DOCKER_LIST)
+
+    manifest = await fetch_manifest(
+        base_url=BASE_URL,
+        repository="org/app",
+        reference="v1",
+        platform=Platform("linux", "arm64"),
+        client=client,
+    )
+    assert manifest == Manifest.parse(arm.manifest)
+    assert manifest.media_type == DOCKER_MANIFEST
+    assert manifest.blobs == tuple(arm.blobs)
+    assert [r.url.rpartition("/")[2] for r in registry.requests] == ["v1", arm.digest]
+    assert {r.headers["accept"] for r in registry.requests} == {
+        f"{OCI_MANIFEST}, {OCI_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
+    }
+
+
+@pytest.mark.parametrize(
+    ("fault", "reference"),
+    [
+        (Fault(path="/manifests/", corrupt=True, times=None), "digest"),
+        (Fault(path="/manifests/", headers={"Docker-Content-Digest": DIGEST}, times=None), "v1"),
+        (Fault(path="/manifests/", extra=b" ", times=None), "digest"),
+    ],
+)
+async def test_fetch_manifest_checks_digests(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    autojump_clock: trio.testing.MockClock,
+    fault: Fault,
+    reference: str,
+) -> None:
+    image = make_image(10)
+    store(registry, image, "org/app", "v1")
+    registry.add_fault(fault)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await fetch_manifest(
+            base_url=BASE_URL,
+            repository="org/app",
+            reference=image.digest if reference == "digest" else reference,
+            client=client,
+        )
+    assert isinstance(caught.value.last_error, IntegrityError)
+    assert fault.matched == 6
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (b"<html>", "not JSON"),
+        (b'{"schemaVersion": 1, "fsLayers": []}', "schema 1 is not supported"),
+        (b'{"schemaVersion": 2, "config": {"digest": "sha256:0", "size": 1}}', "malformed"),
+        (b'{"schemaVersion": 2, "manifests": [{"digest": 1}]}', "malformed"),
+    ],
+)
+async def test_an_unusable_manifest_is_a_protocol_error(
+    registry: Registry, client: httpx.AsyncClient, document: bytes, message: str
+) -> None:
+    registry.manifests["org/app"] = {"v1": (document, "application/json")}
+    with pytest.raises(ProtocolError, match=message):
+        await fetch_manifest(base_url=BASE_URL, repository="org/app", reference="v1", client=client)
+    assert len(registry.requests) == 1
+
+
+async def test_fetch_manifest_checks_the_size_an_index_names(
+    registry: Registry, client: httpx.AsyncClient, autojump_clock: trio.testing.MockClock
+) -> None:
+    image = make_image(10)
+    store(registry, image, "org/app", "image")
+    entry = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest) - 1}
+    entry["platform"] = {"os": "linux", "architecture": "amd64"}
+    index = json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()
+    registry.manifests["org/app"]["v1"] = (index, OCI_INDEX)
+    with pytest.raises(RetriesExhaustedError, match="larger than") as caught:
+        await fetch_manifest(
+            base_url=BASE_URL,
+            repository="org/app",
+            reference="v1",
+            platform=Platform("linux", "amd64"),
+            client=client,
+        )
+    assert caught.value.digest == image.digest
+
+
+# -- references ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "registry", "repository", "tag", "digest", "scheme"),
+    [
+        ("llama3.2", "registry.ollama.ai", "library/llama3.2", "latest", None, "https"),
+        ("llama3.2:1b", "registry.ollama.ai", "library/llama3.2", "1b", None, "https"),
+        ("me/model", "registry.ollama.ai", "me/model", "latest", None, "https"),
+        ("localhost/a/b:v", "localhost", "a/b", "v", None, "https"),
+        ("localhost:5000/alpine", "localhost:5000", "alpine", "latest", None, "https"),
+        ("ghcr.io/o/r/x@" + DIGEST, "ghcr.io", "o/r/x", None, DIGEST, "https"),
+        ("a/b:t@" + DIGEST, "registry.ollama.ai", "a/b", "t", DIGEST, "https"),
+        ("http://10.0.0.1:80/a/b", "10.0.0.1:80", "a/b", "latest", None, "http"),
+        ("http://registry/a", "registry", "a", "latest", None, "http"),
+        ("[::1]:5000/a/b", "[::1]:5000", "a/b", "latest", None, "https"),
+    ],
+)
+def test_reference_parse(
+    text: str, registry: str, repository: str, tag: str | None, digest: str | None, scheme: str
+) -> None:
+    ref = Reference.parse(text)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest, ref.scheme) == (
+        registry,
+        repository,
+        tag,
+        digest,
+        scheme,
+    )
+    assert ref.manifest_ref == (digest or tag)
+    assert Reference.parse(f"{scheme}://{ref}") == ref
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Upper/case", "a//b", "name:", "name@", "name@sha256:123", "a/b:t/x", "http://host:1"],
+)
+def test_bad_references_are_usage_errors(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the mistake
+        Reference.parse(text)
+    with pytest.raises(SystemExit) as caught:
+        main(["pull", text, "dir"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad reference" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["pull", "push", "serve", "demo"])
+def test_every_command_has_help_with_an_example(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main([command, "--help"])
+    assert caught.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "example" in help_text
+    assert "trio-blobs " + command in help_text.split("example")[1]
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+async def test_a_missing_tag_is_explained(served: Served, tmp_path: Path) -> None:
+    store(served.registry, make_image(10), "library/model", "v1")
+    done = await cli("pull", f"http://{served.host}/library/model:v9", tmp_path, "--json")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"trio-blobs: could not pull {served.host}/library/model:v9",
+        "  manifest request failed with 404 Not Found: MANIFEST_UNKNOWN: "
+        "manifest unknown to registry",
+        f"  url: {served.url}/v2/library/model/manifests/v9",
+        "  The repository has no manifest with that tag or digest.",
+        "  Try: check the tag (tags are case-sensitive).",
+    ]
+    assert done.summary == {
+        "command": "pull",
+        "ok": False,
+        "error": "manifest request failed with 404 Not Found: MANIFEST_UNKNOWN: "
+        "manifest unknown to registry",
+        "status": 404,
+        "code": "MANIFEST_UNKNOWN",
+    }
+    assert not tmp_path.joinpath("manifests").exists()
+
+
+async def test_credentials_from_stdin_and_the_environment(tmp_path: Path) -> None:
+    registry = Registry(token="registry-token")
+    store(registry, make_image(10), "private/model", "v1")
+    async with registry.serving() as url:
+        ref = f"{url}/private/model:v1"
+        done = await cli(
+            "pull",
+            ref,
+            tmp_path / "a",
+            "--username",
+            "alice",
+            "--password-stdin",
+            stdin=b"alice-secret\n",
+        )
+        assert done.returncode == 0, done.stderr
+        by_env = await cli(
+            "pull",
+            ref,
+            tmp_path / "b",
+            env={"TRIO_BLOBS_USERNAME": "bob", "TRIO_BLOBS_PASSWORD": "bob-secret"},
+        )
+        assert by_env.returncode == 0, by_env.stderr
+    token_requests = [r for r in registry.requests if r.url.startswith(f"{url}/token")]
+    assert [r.headers["authorization"] for r in token_requests] == [
+        "Basic YWxpY2U6YWxpY2Utc2VjcmV0",  # alice:alice-secret
+        "Basic Ym9iOmJvYi1zZWNyZXQ=",  # bob:bob-secret
+    ]
+
+
+async def test_wrong_credentials_are_explained_without_a_traceback(tmp_path: Path) -> None:
+    registry = Registry(token="registry-token")
+    store(registry, make_image(10), "private/model", "v1")
+    registry.add_fault(Fault(path="/token", status=401, times=None))  # the password is wrong
+    async with registry.serving() as url:
+        args = ("pull", f"{url}/private/model:v1", tmp_path, "--username", "alice")
+        done = await cli(*args, "--password-stdin", stdin=b"wrong")
+        verbose = await cli(*args, "--password-stdin", "-v", stdin=b"wrong")
+    assert done.returncode == verbose.returncode == 1
+    assert "the token service refused the request (401)" in done.stderr
+    assert "refused the ones given" in done.stderr
+    assert "Try: pass --username with --password-stdin" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Traceback" in verbose.stderr
+
+
+async def test_an_unreachable_registry_is_explained(tmp_path: Path) -> None:
+    done = await cli("pull", "http://127.0.0.1:9/library/model", tmp_path)
+    assert done.returncode == 1
+    assert "ConnectError" in done.stderr
+    assert "--insecure" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("layout", ["ollama", "oci"])
+async def test_ctrl_c_stops_within_a_second_leaving_nothing_half_written(
+    served: Served, tmp_path: Path, layout: str
+) -> None:
+    image = make_image(10, 20, 4_000_000, 4_000_000)
+    store(served.registry, image, "library/model", "v1")
+    big = [b.digest for b in image.blobs if b.size > 1000]
+    for digest in big:
+        served.registry.add_fault(Fault(digest=digest, stall_after=100_000, times=None))
+    stderr = (tmp_path / "stderr").open("wb")
+    dest = tmp_path / "dest"
+    process = await trio.lowlevel.open_process(
+        [*CLI, "pull", f"http://{served.host}/library/model:v1", str(dest), "--layout", layout],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    for _ in range(500):  # until both big blobs are stalled
+        if len({d for d in big for url in blob_gets(served.registry) if d in url}) == 2:
+            break
+        await trio.sleep(0.02)
+    await trio.sleep(0.3)  # the small ones are done
+    process.send_signal(signal.SIGINT)
+    start = trio.current_time()
+    with trio.fail_after(5):
+        await process.wait()
+    assert trio.current_time() - start < 1.5
+    stderr.close()
+    assert process.returncode == 130, (tmp_path / "stderr").read_text()
+    assert "interrupted" in (tmp_path / "stderr").read_text()
+    blob_files = {name: p for p in dest.rglob("*") if p.is_file() for name in [p.name]}
+    assert set(blob_files) <= {
+        (b.file_name if layout == "ollama" else b.digest.partition(":")[2])
+        for b in image.blobs
+        if b.digest not in big
+    }
+    assert not [name for name in files(dest) if "manifests" in name or "index.json" in name]
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+async def test_progress_lines_and_quiet(served: Served, tmp_path: Path) -> None:
+    image = make_image(2_000_000)
+    store(served.registry, image, "library/slow", "v1")
+    layer = image.blobs[1].digest
+    served.registry.add_fault(Fault(digest=layer, trickle=700_000))  # about 3 s
+    ref = f"http://{served.host}/library/slow:v1"
+    plain = await cli("pull", ref, tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr.startswith("pull: ")
+    assert "of 2.0 MB" in plain.stderr
+    assert "2 blobs" in plain.stderr
+    assert "pulled" in plain.stdout
+
+    quiet = await cli("pull", ref, tmp_path / "quiet", "-q")
+    assert quiet.returncode == 0
+    assert quiet.stdout == quiet.stderr == ""
+
+
+async def test_a_rich_bar_on_a_terminal(served: Served, tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    store(served.registry, make_image(1_000_000), "library/model", "v1")
+    done = await cli(
+        "pull", f"http://{served.host}/library/model:v1", tmp_path, env={"TTY_COMPATIBLE": "1"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "\x1b[" in done.stderr  # drawn with terminal control sequences
+    assert "2 blobs" in done.stderr
+
+
+# -- serve and demo ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def child_processes() -> AsyncIterator[list[trio.Process]]:
+    processes: list[trio.Process] = []
+    yield processes
+    for process in processes:
+        process.kill()
+        await process.wait()
+        assert process.stdout is not None
+        await process.stdout.aclose()
+
+
+async def serve(storage: Path, processes: list[trio.Process]) -> tuple[trio.Process, str]:
+    process = await trio.lowlevel.open_process(
+        [*CLI, "serve", "--port", "0", "--storage", str(storage), "--json"],
+        stdout=subprocess.PIPE,
+    )
+    processes.append(process)
+    assert process.stdout is not None
+    line = b""
+    with trio.fail_after(10):
+        while not line.endswith(b"\n"):
+            line += await process.stdout.receive_some()
+    record = json.loads(line)
+    assert record["command"] == "serve"
+    return process, record["url"]
+
+
+async def test_serve_keeps_its_content_in_storage(
+    tmp_path: Path, child_processes: list[trio.Process]
+) -> None:
+    image = make_image(100, 200_000)
+    storage = tmp_path / "storage"
+    process, url = await serve(storage, child_processes)
+    host = url.removeprefix("http://")
+    pull = await cli("pull", f"http://{host}/library/none", tmp_path / "none")
+    assert "MANIFEST_UNKNOWN" in pull.stderr
+    src = tmp_path / "src"
+    src.mkdir()
+    for blob, data in zip(image.blobs, image.contents, strict=True):
+        (src / blob.file_name).write_bytes(data)
+    await upload(
+        image.blobs,
+        base_url=url,
+        repository="kept/model",
+        src_dir=src,
+        manifest=image.manifest,
+        manifest_ref="v1",
+    )
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(5):
+        await process.wait()
+    assert process.returncode == 143
+
+    _, url = await serve(storage, child_processes)
+    dest = tmp_path / "dest"
+    done = await cli("pull", f"{url}/kept/model:v1", dest, "--layout", "oci")
+    assert done.returncode == 0, done.stderr
+    assert_pulled(dest, "oci", image, "v1")
+
+
+async def test_demo_with_an_embedded_registry() -> None:
+    done = await cli("demo", "--size", "3MB", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = done.summary
+    assert summary["verified"] is True
+    blobs = summary["blobs"]
+    assert isinstance(blobs, int)
+    assert 250 < blobs < 400
+    push, pull = summary["push"], summary["pull"]
+    assert isinstance(push, dict)
+    assert isinstance(pull, dict)
+    assert push["transferred"] == pull["transferred"] == blobs
+    assert pull["requests"] == blobs + 1  # one per blob, and the manifest
+
+
+async def test_demo_against_a_given_registry(served: Served) -> None:
+    done = await cli("demo", "--size", "1MB", "--url", served.url)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[2] == f"demo against {served.url}"
+    assert lines[-3].startswith("  push ")
+    assert lines[-2].startswith("  pull ")
+    assert "requests per blob" in lines[-2]
+    assert lines[-1] == "  verified: every blob's digest and the manifest match"
+    assert len(served.registry.manifests["trio-blobs/demo"]) == 2  # by tag and by digest
+
+
+# -- the distribution registry and skopeo --------------------------------------------------------
+
+
+async def test_skopeo_reads_an_oci_layout_pulled_from_the_distribution_registry(
+    plain_registry: RealRegistry, skopeo: str, tmp_path: Path
+) -> None:
+    image = make_image(10, 1_000_000, docker=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    for blob, data in zip(image.blobs, image.contents, strict=True):
+        (src / blob.file_name).write_bytes(data)
+    await upload(
+        image.blobs,
+        base_url=plain_registry.url,
+        repository="library/model",
+        src_dir=src,
+        manifest=image.manifest,
+        manifest_ref="v1",
+    )
+    layout = tmp_path / "layout"
+    ref = f"http://{plain_registry.host}/library/model:v1"
+    done = await cli("pull", ref, layout, "--layout", "oci")
+    assert done.returncode == 0, done.stderr
+    # The layout holds the manifest with OCI media types, which is what other tools read.
+    converted = Manifest.parse(image.manifest).as_oci()
+    assert_pulled(layout, "oci", Image(image.contents, converted.data), "v1")
+    out = tmp_path / "skopeo-dir"
+    copied = await trio.run_process(
+        [skopeo, "copy", "--insecure-policy", f"oci:{layout}:v1", f"dir:{out}"],
+        check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    assert copied.returncode == 0, copied.stderr.decode()
+    assert (out / "manifest.json").read_bytes() == converted.data
+    for blob, data in zip(image.blobs, image.contents, strict=True):
+        assert (out / blob.digest.partition(":")[2]).read_bytes() == data
+
+    pushed = await cli("push", layout, f"http://{plain_registry.host}/copies/model:v2")
+    assert pushed.returncode == 0, pushed.stderr
+    again = await cli("pull", f"http://{plain_registry.host}/copies/model:v2", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert_pulled(
+        tmp_path / "again",
+        "ollama",
+        Image(image.contents, converted.data),
+        f"{plain_registry.host}/copies/model/v2",
+    )
+
+
+def test_docker_manifests_convert_to_oci() -> None:
+    image = make_image(10, docker=True)
+    document = json.loads(image.manifest)
+    document["layers"].append(
+        {"mediaType": "application/vnd.ollama.image.model"} | {"digest": DIGEST, "size": 3}
+    )
+    docker = Manifest.parse(json.dumps(document).encode())
+    oci = docker.as_oci()
+    assert (docker.media_type, oci.media_type) == (DOCKER_MANIFEST, OCI_MANIFEST)
+    assert oci.blobs == docker.blobs
+    converted = json.loads(oci.data)
+    assert converted["mediaType"] == OCI_MANIFEST
+    assert converted["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    assert [layer["mediaType"] for layer in converted["layers"]] == [
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.ollama.image.model",  # no OCI equivalent: kept
+    ]
+    assert oci.as_oci() is oci

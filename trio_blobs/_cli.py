@@ -1,0 +1,1281 @@
+"""The ``trio-blobs`` command line: ``pull``, ``push``, ``serve`` and ``demo``.
+
+Built on the library's public pieces (:func:`download`, :func:`upload`, :func:`fetch_manifest`,
+:class:`Reference`, :class:`RegistryAuth`, :class:`trio_blobs.testing.Registry`). Results go to
+stdout (one JSON line with ``--json``); progress goes to stderr, as a bar redrawn in place when
+``rich`` is installed and stderr is a terminal, else as a plain line every few seconds. A failure
+is explained in a few lines (no traceback unless ``-v``) and exits 1; SIGINT and SIGTERM cancel
+the command cleanly and exit 130 and 143.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from ._auth_provider import RegistryAuth
+from ._digest import Blob, digest_to_path, path_to_digest
+from ._download import download
+from ._exceptions import (
+    AuthenticationError,
+    ConnectionFailedError,
+    IntegrityError,
+    LocalFileError,
+    ProtocolError,
+    RegistryError,
+    RetriesExhaustedError,
+    SlowTransferError,
+    StallError,
+    TransferError,
+)
+from ._manifest import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Manifest,
+    Platform,
+    PlatformNotFoundError,
+    Reference,
+    fetch_manifest,
+)
+from ._protocol import check_repository
+from ._transfer import default_client
+from ._upload import upload
+from .testing import Registry
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
+__all__ = ["main"]
+
+log = logging.getLogger("trio_blobs.cli")
+
+PULL_CONCURRENCY = 64
+PUSH_CONCURRENCY = 32
+PLAIN_INTERVAL = 2.0  # seconds between plain progress lines
+SAVE_INTERVAL = 1.0  # seconds between saves of `serve --storage`
+CHILD_TIMEOUT = 2.0  # seconds a child registry gets to exit
+INCOMING = ".trio-blobs-incoming"  # an OCI layout's staging directory for downloads
+REF_NAME = "org.opencontainers.image.ref.name"
+STORAGE_INDEX = "repositories.json"
+DEMO_REPOSITORY = "trio-blobs/demo"
+DEMO_TENSOR = "application/vnd.trio-blobs.demo.tensor"
+DEMO_CONFIG = "application/vnd.trio-blobs.demo.config.v1+json"
+DEMO_VOCAB, DEMO_LAYERS = 32000, 24
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
+_SIZE_UNITS |= {"gib": 2**30}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``trio-blobs`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+        _check_args(args)
+        args.style = _style(args)
+        _configure_logging(args)
+        try:
+            code: int = trio.run(_run, args)
+        except Exception as exc:  # a bug: say so briefly, in full with -v
+            if args.verbose:
+                traceback.print_exception(exc)
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            print(f"trio-blobs: unexpected error: {exc!r} (-v shows where)", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:  # before the command runs, or a second Ctrl-C
+        return 130
+    return code
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    common.add_argument("--json", action="store_true", help="print one JSON summary line")
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log what happens; tracebacks on errors"
+    )
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help=f"blobs in flight (default: {PULL_CONCURRENCY} pulling, {PUSH_CONCURRENCY} pushing)",
+    )
+    remote.add_argument(
+        "--username", help="registry user (default: $TRIO_BLOBS_USERNAME; none: anonymous)"
+    )
+    remote.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from stdin (default: $TRIO_BLOBS_PASSWORD)",
+    )
+    insecure = argparse.ArgumentParser(add_help=False)
+    insecure.add_argument(
+        "--insecure", action="store_true", help="plain HTTP (as does an http:// reference)"
+    )
+    reference_help = (
+        "[http://][REGISTRY[:PORT]/]NAMESPACE/NAME[:TAG|@DIGEST]; a bare NAME means "
+        "registry.ollama.ai/library/NAME:latest"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="trio-blobs",
+        description="Move images and models between this machine and OCI / Docker registries.",
+        epilog="Run 'trio-blobs COMMAND --help' for each command's options and examples.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, example: str, *parents: argparse.ArgumentParser) -> Any:
+        sub = commands.add_parser(
+            name,
+            parents=[*parents, common],
+            help=summary,
+            description=summary,
+            epilog=example,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(parser=sub)
+        return sub
+
+    pull = command(
+        "pull",
+        "Download an image's manifest, config and layers into DIR.",
+        "examples:\n"
+        "  trio-blobs pull llama3.2 ~/.ollama/models\n"
+        "  trio-blobs pull http://localhost:5000/library/model:v1 ./model --layout oci\n"
+        "  trio-blobs pull ghcr.io/org/app:1.0 ./app --layout oci --platform linux/arm64",
+        remote,
+        insecure,
+    )
+    pull.add_argument("reference", metavar="REFERENCE", help=reference_help)
+    pull.add_argument("dir", metavar="DIR", type=Path, help="where to store the image")
+    pull.add_argument(
+        "--layout",
+        choices=("ollama", "oci"),
+        default="ollama",
+        help="ollama: blobs/sha256-<hex> and manifests/<registry>/<repository>/<tag> (default); "
+        "oci: an OCI image layout (oci-layout, index.json, blobs/sha256/<hex>)",
+    )
+    pull.add_argument(
+        "--platform",
+        type=_platform,
+        metavar="OS/ARCH[/VARIANT]",
+        help=f"which image of a multi-platform index (default: this machine's, "
+        f"{Platform.current()})",
+    )
+    pull.set_defaults(handler=_pull)
+
+    push = command(
+        "push",
+        "Upload an image from DIR (either layout) to a registry; blobs it has are skipped.",
+        "examples:\n"
+        "  trio-blobs push ~/.ollama/models http://localhost:5000/me/llama3.2:latest\n"
+        "  trio-blobs push ./app registry.example.com/org/app:1.0 --mount-from org/base",
+        remote,
+        insecure,
+    )
+    push.add_argument("dir", metavar="DIR", type=Path, help="an ollama model store or OCI layout")
+    push.add_argument("reference", metavar="REFERENCE", help=reference_help)
+    push.add_argument(
+        "--image",
+        metavar="NAME",
+        help="which image of DIR (default: the only one, or the one named like REFERENCE)",
+    )
+    push.add_argument(
+        "--mount-from",
+        type=_repository,
+        metavar="REPO",
+        help="mount blobs from this repository of the same registry instead of uploading them",
+    )
+    push.set_defaults(handler=_push)
+
+    serve = command(
+        "serve",
+        "Run the in-process test registry on a loopback port until Ctrl-C.",
+        "example:\n"
+        "  trio-blobs serve --port 5000 --storage ./registry-data\n"
+        "  trio-blobs push ./model http://127.0.0.1:5000/me/model:v1   # in another shell",
+    )
+    serve.add_argument(
+        "--port", type=_port, default=5000, help="port on 127.0.0.1 (default 5000; 0: any free)"
+    )
+    serve.add_argument(
+        "--storage",
+        type=Path,
+        metavar="DIR",
+        help="load the registry's content from DIR and save it there (default: memory only)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    demo = command(
+        "demo",
+        "Push a synthetic tensor model to a registry, pull it back, verify it, show the speed.",
+        "examples:\n"
+        "  trio-blobs demo                     # against an embedded registry\n"
+        "  trio-blobs demo --size 1GB\n"
+        "  trio-blobs demo --url http://localhost:5000",
+        remote,
+    )
+    demo.add_argument(
+        "--url", type=_url, help="registry to use (default: start an embedded one on loopback)"
+    )
+    demo.add_argument(
+        "--size", type=_size_arg, default=300 * 10**6, help="model size (default 300MB)"
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number (0-65535), got {text!r}")
+    return int(text)
+
+
+def _platform(text: str) -> Platform:
+    try:
+        return Platform.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _repository(text: str) -> str:
+    try:
+        return check_repository(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^/\s]+/?", text):
+        raise argparse.ArgumentTypeError(f"expected http(s)://HOST[:PORT], got {text!r}")
+    return text.rstrip("/")
+
+
+def _size_arg(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if match is None or match[2].lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 300MB or 2GiB, got {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Parse the reference and gather credentials; a problem is a usage error (exit 2)."""
+    parser: argparse.ArgumentParser = args.parser
+    if "reference" in args:
+        try:
+            args.reference = Reference.parse(args.reference, insecure=args.insecure)
+        except ValueError as exc:
+            parser.error(f"bad reference {args.reference!r}: {exc}")
+    if "username" in args:
+        username = args.username or os.environ.get("TRIO_BLOBS_USERNAME") or None
+        if args.password_stdin:
+            if username is None:
+                parser.error("--password-stdin needs --username (or TRIO_BLOBS_USERNAME)")
+            password = sys.stdin.read().rstrip("\r\n")
+        else:
+            password = os.environ.get("TRIO_BLOBS_PASSWORD") if username else None
+        if username is not None and not password:
+            parser.error("--username needs --password-stdin (or TRIO_BLOBS_PASSWORD)")
+        args.username, args.password = username, password
+
+
+def _style(args: argparse.Namespace) -> str:
+    """How to show progress: ``rich`` on a terminal if rich is installed, else ``plain``
+    lines, or ``off`` when quiet."""
+    if args.quiet:
+        return "off"
+    try:
+        from rich.console import Console
+    except ImportError:
+        return "plain"
+    return "rich" if Console(stderr=True).is_terminal else "plain"
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    if not args.verbose:
+        return
+    handler: logging.Handler
+    if args.style == "rich":
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(
+        level=logging.INFO if args.verbose == 1 else logging.DEBUG, handlers=[handler]
+    )
+
+
+# -- running a command, and its failures ---------------------------------------------------------
+
+
+class _Failure(Exception):
+    """A failure the command line finds itself: what went wrong, what it means, what to try."""
+
+    def __init__(self, message: str, meaning: str, hint: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.meaning = meaning
+        self.hint = hint
+
+
+async def _run(args: argparse.Namespace) -> int:
+    """Run the command; the first SIGINT or SIGTERM cancels it (exit 130 or 143)."""
+    codes: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_cancel_on_signal, nursery.cancel_scope, codes)
+        codes.append(await _command(args))
+        nursery.cancel_scope.cancel()
+    if codes[0] > 128:
+        if not args.quiet:
+            print("trio-blobs: interrupted", file=sys.stderr)
+        _emit_json(args, {"ok": False, "error": "interrupted"})
+    return codes[0]
+
+
+async def _cancel_on_signal(
+    scope: trio.CancelScope,
+    codes: list[int],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            codes.append(128 + signum)
+            scope.cancel()
+            return
+
+
+async def _command(args: argparse.Namespace) -> int:
+    try:
+        code: int = await args.handler(args)
+    except (TransferError, _Failure, OSError) as exc:
+        _report(args, exc)
+        return 1
+    return code
+
+
+def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -> None:
+    """Explain a failure on stderr: what failed, the registry's answer, what it means, what
+    to try; a traceback only with ``-v``."""
+    if args.verbose:
+        traceback.print_exception(exc)
+    if args.command == "pull":
+        headline = f"could not pull {args.reference}"
+    elif args.command == "push":
+        headline = f"could not push {args.dir} to {args.reference}"
+    else:
+        headline = f"{args.command} failed"
+    lines = [f"trio-blobs: {headline}"]
+    if isinstance(exc, TransferError | _Failure):
+        lines.append(exc.message)
+    else:
+        lines.append(str(exc))
+    if isinstance(exc, TransferError):
+        lines += [f"digest: {exc.digest}"] if exc.digest else []
+        lines += [f"url: {exc.url}"] if exc.url else []
+    meaning, hint = _advice(exc)
+    lines += [meaning, f"Try: {hint}"]
+    print("\n  ".join(lines), file=sys.stderr)
+    record: dict[str, object] = {"ok": False, "error": lines[1]}
+    cause = exc.last_error if isinstance(exc, RetriesExhaustedError) else exc
+    if isinstance(cause, RegistryError):
+        record |= {"status": cause.status, "code": cause.code}
+    _emit_json(args, record)
+
+
+_REGISTRY_ADVICE = {
+    "MANIFEST_UNKNOWN": (
+        "The repository has no manifest with that tag or digest.",
+        "check the tag (tags are case-sensitive).",
+    ),
+    "NAME_UNKNOWN": (
+        "The registry has no repository of that name.",
+        "check the name; a bare NAME means registry.ollama.ai/library/NAME.",
+    ),
+    "BLOB_UNKNOWN": (
+        "The registry lacks a blob that the image lists.",
+        "the image is incomplete on the registry: push it again.",
+    ),
+    "MANIFEST_BLOB_UNKNOWN": (
+        "The registry refused the manifest: it lists blobs the repository does not have.",
+        "run the push again.",
+    ),
+    "MANIFEST_INVALID": (
+        "The registry refused the manifest as invalid.",
+        "check the image in DIR; -v shows details.",
+    ),
+    403: (
+        "Access denied: these credentials may not do this in this repository.",
+        "check the repository name and your account's permissions.",
+    ),
+    404: (
+        "The registry has nothing at that address.",
+        "check the registry, the name and the tag.",
+    ),
+    429: (
+        "The registry is limiting the rate of requests.",
+        "wait a while, or lower --concurrency.",
+    ),
+    500: ("The registry failed to answer.", "try again later."),
+}
+_ADVICE: list[tuple[tuple[type[Exception], ...], str, str]] = [
+    (
+        (AuthenticationError,),
+        "The registry wants credentials, or refused the ones given.",
+        "pass --username with --password-stdin (or set TRIO_BLOBS_USERNAME and "
+        "TRIO_BLOBS_PASSWORD), and check them.",
+    ),
+    (
+        (ConnectionFailedError,),
+        "The registry could not be reached, or the connection dropped.",
+        "check the address and that the registry is up; a plain-HTTP registry needs --insecure "
+        "or an http:// reference.",
+    ),
+    (
+        (StallError, SlowTransferError),
+        "The transfer stopped making progress.",
+        "check the network and run the command again: finished blobs are kept.",
+    ),
+    (
+        (IntegrityError,),
+        "What arrived does not match its digest: the registry, a proxy or the disk corrupted it.",
+        "run the command again; if it keeps failing, the registry holds a broken blob.",
+    ),
+    (
+        (LocalFileError,),
+        "A local file could not be read or written.",
+        "check free space and permissions; for a push, that DIR holds the whole image.",
+    ),
+    (
+        (ProtocolError,),
+        "The registry answered in a way no client should accept.",
+        "run with -v for details, and tell the registry's operator.",
+    ),
+]
+
+
+def _advice(exc: BaseException) -> tuple[str, str]:
+    """What ``exc`` means for the person at the terminal, and what to try."""
+    if isinstance(exc, RetriesExhaustedError):
+        exc = exc.last_error
+    if isinstance(exc, _Failure):
+        return exc.meaning, exc.hint
+    if isinstance(exc, PlatformNotFoundError):
+        choices = " or ".join(f"--platform {p}" for p in exc.available[:3])
+        return "The image is not published for that platform.", f"{choices or 'another image'}."
+    if isinstance(exc, RegistryError) and not isinstance(exc, AuthenticationError):
+        status = 500 if exc.status >= 500 else exc.status
+        return _REGISTRY_ADVICE.get(exc.code or "") or _REGISTRY_ADVICE.get(
+            status, ("The registry refused the request.", "run with -v for details.")
+        )
+    for kinds, meaning, hint in _ADVICE:
+        if isinstance(exc, kinds):
+            return meaning, hint
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return "Another program uses that port.", "pick another --port, or --port 0 for a free one."
+    return "A local file or resource could not be used.", "check the path and its permissions."
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not (args.quiet or args.json):
+        print(text, flush=True)
+
+
+def _emit_json(args: argparse.Namespace, record: dict[str, object]) -> None:
+    if args.json:
+        print(json.dumps({"command": args.command, **record}), flush=True)
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """One transfer's progress on stderr: bytes done and total, speed, ETA and blob count.
+
+    A rich bar redrawn in place (style ``rich``), a line every few seconds (``plain``), or
+    nothing (``off``). Use it as a context manager and pass it as ``progress=``.
+    """
+
+    def __init__(self, label: str, *, total: int, blobs: int, style: str) -> None:
+        self._label = label
+        self._blobs = blobs
+        self._style = style
+        self._started = self._last_time = time.monotonic()
+        self._last_done = 0
+        self._bar: RichProgress | None = None
+        if style == "rich":
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[blobs]} blobs"),
+                console=Console(stderr=True),
+            )
+            self._task = self._bar.add_task(label, total=total, blobs=blobs)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, completed: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, total=total)
+            return
+        now = time.monotonic()
+        if self._style != "plain" or now - self._last_time < PLAIN_INTERVAL:
+            return
+        rate = max(0, completed - self._last_done) / (now - self._last_time)
+        average = completed / (now - self._started)
+        eta = f"{(total - completed) / average:.0f} s" if average > 0 else "unknown"
+        percent = 100 * completed / total if total else 100.0
+        print(
+            f"{self._label}: {percent:3.0f}%  {_size(completed)} of {_size(total)}  "
+            f"{_size(rate)}/s  ETA {eta}  {self._blobs} blobs",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._last_time, self._last_done = now, completed
+
+
+def _size(nbytes: float) -> str:
+    """``1234567`` -> ``1.2 MB``."""
+    value, units = float(nbytes), ["B", "kB", "MB", "GB", "TB"]
+    while abs(value) >= 1000 and len(units) > 1:
+        value /= 1000
+        units.pop(0)
+    return f"{value:.0f} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
+
+
+# -- layouts -----------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it never exists half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def _has(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
+class _Layout(abc.ABC):
+    """An image store in a directory: where a pull puts blobs and manifests, and where a push
+    finds them. Blobs are verified before they get their final names, so a file there with the
+    right size is the blob."""
+
+    kind: str
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @abc.abstractmethod
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob ``digest`` is kept."""
+
+    def missing(self, blobs: Sequence[Blob]) -> list[Blob]:
+        """The ``blobs`` not kept here yet."""
+        return [blob for blob in blobs if not _has(self.blob_path(blob.digest), blob.size)]
+
+    @abc.abstractmethod
+    def receiving(self) -> contextlib.AbstractContextManager[Path]:
+        """A directory that :func:`download` may fill with ``sha256-<hex>`` files; on exit
+        they are kept here, whether the download finished or not."""
+
+    @abc.abstractmethod
+    def sending(self, blobs: Sequence[Blob]) -> contextlib.AbstractContextManager[Path]:
+        """A directory where :func:`upload` finds ``blobs`` as ``sha256-<hex>`` files."""
+
+    @abc.abstractmethod
+    def store(self, ref: Reference, manifest: Manifest) -> None:
+        """Record ``manifest`` under ``ref`` (its blobs are here already)."""
+
+    @abc.abstractmethod
+    def images(self) -> list[str]:
+        """The names of the images kept here."""
+
+    @abc.abstractmethod
+    def load(self, name: str) -> Manifest:
+        """The manifest of the image ``name``."""
+
+    def _parse(self, data: bytes, media_type: str | None, name: str) -> Manifest:
+        try:
+            return Manifest.parse(data, media_type=media_type)
+        except ValueError as exc:
+            raise _Failure(
+                f"{name} in {self.root} is not a usable manifest: {exc}",
+                "The image in DIR is damaged.",
+                "pull it again.",
+            ) from exc
+
+
+class _OllamaLayout(_Layout):
+    """``blobs/sha256-<hex>`` and ``manifests/<registry>/<repository>/<tag>``, as ollama keeps
+    its models."""
+
+    kind = "ollama"
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / digest_to_path(digest)
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[Path]:
+        yield self.root / "blobs"
+
+    @contextlib.contextmanager
+    def sending(self, blobs: Sequence[Blob]) -> Iterator[Path]:
+        yield self.root / "blobs"
+
+    def store(self, ref: Reference, manifest: Manifest) -> None:
+        name = ref.tag or digest_to_path(manifest.digest)
+        _write_atomic(self.root / "manifests" / ref.registry / ref.repository / name, manifest.data)
+
+    def images(self) -> list[str]:
+        base = self.root / "manifests"
+        return sorted(
+            f"{path.parent.relative_to(base).as_posix()}:{path.name}"
+            for path in base.rglob("*")
+            if path.is_file() and not path.name.startswith(".")
+        )
+
+    def load(self, name: str) -> Manifest:
+        directory, _, tag = name.rpartition(":")
+        return self._parse((self.root / "manifests" / directory / tag).read_bytes(), None, name)
+
+
+class _OciLayout(_Layout):
+    """An OCI image layout: ``oci-layout``, ``index.json`` and ``blobs/<algorithm>/<hex>``.
+
+    Downloads land in a staging directory (:data:`INCOMING`) as ``sha256-<hex>`` files and
+    are renamed into ``blobs/`` when the download ends, however it ends; uploads read hard
+    links (or symlinks) named ``sha256-<hex>`` in a temporary directory. Docker schema 2
+    manifests are stored converted to OCI ones.
+    """
+
+    kind = "oci"
+
+    def blob_path(self, digest: str) -> Path:
+        algorithm, _, encoded = digest_to_path(digest).partition("-")
+        return self.root / "blobs" / algorithm / encoded
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[Path]:
+        staging = self.root / INCOMING
+        try:
+            yield staging
+        finally:
+            if staging.is_dir():
+                for path in staging.iterdir():
+                    with contextlib.suppress(ValueError):  # not a finished blob: leave it
+                        target = self.blob_path(path_to_digest(path.name))
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(path, target)
+                with contextlib.suppress(OSError):
+                    staging.rmdir()
+
+    @contextlib.contextmanager
+    def sending(self, blobs: Sequence[Blob]) -> Iterator[Path]:
+        staging = Path(tempfile.mkdtemp(prefix=".trio-blobs-outgoing-", dir=self.root))
+        try:
+            for blob in blobs:
+                source, link = self.blob_path(blob.digest), staging / blob.file_name
+                try:
+                    os.link(source, link)
+                except OSError:
+                    os.symlink(source.resolve(), link)
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def store(self, ref: Reference, manifest: Manifest) -> None:
+        manifest = manifest.as_oci()  # other tools only read OCI manifests from a layout
+        _write_atomic(self.blob_path(manifest.digest), manifest.data)
+        if not (self.root / "oci-layout").exists():
+            _write_atomic(self.root / "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        entry: dict[str, object] = {
+            "mediaType": manifest.media_type,
+            "digest": manifest.digest,
+            "size": len(manifest.data),
+        }
+        if ref.tag:
+            entry["annotations"] = {REF_NAME: ref.tag}
+        kept = [e for e in self._entries() if self._name(e) != self._name(entry)]
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*kept, entry]}
+        _write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode())
+
+    def images(self) -> list[str]:
+        return [self._name(entry) for entry in self._entries()]
+
+    def load(self, name: str) -> Manifest:
+        entry = next(e for e in self._entries() if self._name(e) == name)
+        data = self.blob_path(entry["digest"]).read_bytes()
+        if (
+            Blob.from_bytes(data, algorithm=entry["digest"].partition(":")[0]).digest
+            != (entry["digest"])
+        ):
+            raise _Failure(
+                f"{name}'s manifest in {self.root} does not match its digest",
+                "The image in DIR is damaged.",
+                "pull it again.",
+            )
+        return self._parse(data, entry.get("mediaType"), name)
+
+    @staticmethod
+    def _name(entry: dict[str, Any]) -> str:
+        """An entry's tag, or its digest when it has none."""
+        return str((entry.get("annotations") or {}).get(REF_NAME) or entry["digest"])
+
+    def _entries(self) -> list[dict[str, Any]]:
+        path = self.root / "index.json"
+        if not path.exists():
+            return []
+        try:
+            entries = json.loads(path.read_bytes())["manifests"]
+            for entry in entries:
+                Blob(entry["digest"], entry["size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Failure(
+                f"{path} is not an OCI image index: {exc!r}",
+                "DIR is not an OCI image layout trio-blobs can use.",
+                "pick another DIR, or repair index.json.",
+            ) from exc
+        return list(entries)
+
+
+_LAYOUTS: dict[str, type[_Layout]] = {"ollama": _OllamaLayout, "oci": _OciLayout}
+
+
+def _open_layout(root: Path) -> _Layout:
+    """The layout of an existing image store."""
+    if (root / "oci-layout").is_file():
+        return _OciLayout(root)
+    if (root / "manifests").is_dir():
+        return _OllamaLayout(root)
+    raise _Failure(
+        f"no image in {root}",
+        "DIR must be an ollama model store (blobs/, manifests/) or an OCI image layout "
+        "(oci-layout, index.json, blobs/).",
+        "pull an image into it first, or pick the right directory.",
+    )
+
+
+def _choose_image(layout: _Layout, ref: Reference, wanted: str | None) -> str:
+    names = layout.images()
+    if wanted:
+        found = [n for n in names if n == wanted or n.endswith(f"/{wanted}")]
+    elif len(names) == 1:
+        found = names
+    else:
+        found = [n for n in names if n.endswith(f"/{ref.repository}:{ref.tag}") or n == ref.tag]
+    if len(found) == 1:
+        return found[0]
+    listed = ", ".join(names) or "none"
+    raise _Failure(
+        f"{layout.root} holds {len(names)} images and "
+        + ("none" if not found else "several")
+        + f" of them match: {listed}",
+        "It is not clear which image to push.",
+        "name it with --image NAME.",
+    )
+
+
+# -- pull and push -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """What one pull or push did."""
+
+    digest: str  # the manifest's
+    blobs: int
+    bytes: int
+    transferred: int  # blobs sent or received
+    transferred_bytes: int
+    mounted: int
+    seconds: float
+    requests: int
+
+    def rate(self) -> str:
+        return f"{_size(self.transferred_bytes / max(self.seconds, 1e-9))}/s"
+
+
+@dataclass
+class _Remote:
+    """What one command's requests share: the client, credentials, limits, progress style."""
+
+    client: httpx.AsyncClient
+    auth: RegistryAuth
+    concurrency: int | None
+    style: str
+    requests: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _connect(args: argparse.Namespace, base_url: str) -> AsyncIterator[_Remote]:
+    async with default_client(args.concurrency or PULL_CONCURRENCY) as client:
+        remote = _Remote(
+            client,
+            RegistryAuth(base_url, args.username, args.password),
+            args.concurrency,
+            args.style,
+        )
+
+        async def count(request: httpx.Request) -> None:
+            remote.requests += 1
+
+        client.event_hooks["request"].append(count)
+        yield remote
+
+
+async def _pull_image(
+    remote: _Remote, ref: Reference, layout: _Layout, platform: Platform | None
+) -> _Stats:
+    """Fetch ``ref``'s manifest, download the blobs ``layout`` lacks, store the manifest."""
+    started, requests = time.perf_counter(), remote.requests
+    manifest = await fetch_manifest(
+        base_url=ref.base_url,
+        repository=ref.repository,
+        reference=ref.manifest_ref,
+        platform=platform,
+        client=remote.client,
+        get_token=remote.auth,
+    )
+    todo = layout.missing(manifest.blobs)
+    size = sum(blob.size for blob in todo)
+    style = remote.style if todo else "off"
+    with (
+        layout.receiving() as dest,
+        _Progress("pull", total=size, blobs=len(todo), style=style) as progress,
+    ):
+        await download(
+            todo,
+            base_url=ref.base_url,
+            repository=ref.repository,
+            dest_dir=dest,
+            concurrency=remote.concurrency or PULL_CONCURRENCY,
+            progress=progress,
+            client=remote.client,
+            get_token=remote.auth,
+        )
+    layout.store(ref, manifest)
+    return _Stats(
+        digest=manifest.digest,
+        blobs=len(manifest.blobs),
+        bytes=sum(blob.size for blob in manifest.blobs),
+        transferred=len(todo),
+        transferred_bytes=size,
+        mounted=0,
+        seconds=time.perf_counter() - started,
+        requests=remote.requests - requests,
+    )
+
+
+async def _push_image(
+    remote: _Remote, ref: Reference, layout: _Layout, manifest: Manifest, mount_from: str | None
+) -> _Stats:
+    """Upload ``manifest``'s blobs from ``layout`` (those the repository lacks), then the
+    manifest as ``ref``."""
+    if manifest.is_index:
+        raise _Failure(
+            "the image in DIR is a multi-platform index",
+            "Pushing an index with its platform images is not supported.",
+            "pull one platform's image (pull --platform) and push that.",
+        )
+    if ref.digest is not None and ref.digest != manifest.digest:
+        raise _Failure(
+            f"the image's manifest is {manifest.digest}, not {ref.digest}",
+            "A push by digest must name the manifest's own digest.",
+            "push by tag, or give the right digest.",
+        )
+    missing = layout.missing(manifest.blobs)
+    if missing:
+        raise _Failure(
+            f"{layout.root} lacks {len(missing)} of the image's {len(manifest.blobs)} blobs "
+            f"(first: {missing[0].digest})",
+            "The image in DIR is incomplete.",
+            "pull it again to complete it.",
+        )
+    started, requests = time.perf_counter(), remote.requests
+    blobs = [Blob(blob.digest, blob.size, mount_from) for blob in manifest.blobs]
+    size = sum(blob.size for blob in blobs)
+    with (
+        layout.sending(blobs) as src,
+        _Progress("push", total=size, blobs=len(blobs), style=remote.style) as progress,
+    ):
+        result = await upload(
+            blobs,
+            base_url=ref.base_url,
+            repository=ref.repository,
+            src_dir=src,
+            concurrency=remote.concurrency or PUSH_CONCURRENCY,
+            progress=progress,
+            client=remote.client,
+            get_token=remote.auth,
+            manifest=manifest.data,
+            manifest_ref=ref.tag or manifest.digest,
+            manifest_media_type=manifest.media_type,
+        )
+    uploaded = set(result.uploaded)
+    return _Stats(
+        digest=manifest.digest,
+        blobs=len(blobs),
+        bytes=size,
+        transferred=len(uploaded),
+        transferred_bytes=sum(blob.size for blob in blobs if blob.digest in uploaded),
+        mounted=len(result.mounted),
+        seconds=time.perf_counter() - started,
+        requests=remote.requests - requests,
+    )
+
+
+async def _pull(args: argparse.Namespace) -> int:
+    ref: Reference = args.reference
+    layout = _LAYOUTS[args.layout](args.dir)
+    async with _connect(args, ref.base_url) as remote:
+        stats = await _pull_image(remote, ref, layout, args.platform)
+    if stats.transferred:
+        _say(
+            args,
+            f"pulled {ref} into {args.dir}: {stats.transferred} of {stats.blobs} blobs, "
+            f"{_size(stats.transferred_bytes)} in {stats.seconds:.1f} s ({stats.rate()})",
+        )
+    else:
+        _say(args, f"{ref} is up to date in {args.dir}: {stats.blobs} blobs, nothing transferred")
+    record = {"reference": str(ref), "dir": str(args.dir), "layout": layout.kind}
+    _emit_json(args, {"ok": True, **record, **dataclasses.asdict(stats)})
+    return 0
+
+
+async def _push(args: argparse.Namespace) -> int:
+    ref: Reference = args.reference
+    layout = _open_layout(args.dir)
+    name = _choose_image(layout, ref, args.image)
+    manifest = layout.load(name)
+    async with _connect(args, ref.base_url) as remote:
+        stats = await _push_image(remote, ref, layout, manifest, args.mount_from)
+    present = stats.blobs - stats.transferred - stats.mounted
+    _say(
+        args,
+        f"pushed {name} to {ref}: {stats.transferred} blobs uploaded "
+        f"({_size(stats.transferred_bytes)} in {stats.seconds:.1f} s, {stats.rate()}), "
+        f"{stats.mounted} mounted, {present} already there",
+    )
+    record = {"reference": str(ref), "dir": str(args.dir), "layout": layout.kind, "image": name}
+    _emit_json(args, {"ok": True, **record, **dataclasses.asdict(stats)})
+    return 0
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    registry = Registry()
+    storage: Path | None = args.storage
+    if storage is not None:
+        await trio.to_thread.run_sync(_load_storage, registry, storage)
+    async with registry.serving(port=args.port) as url:
+        where = f"storage {storage}" if storage else "memory only"
+        _say(args, f"serving the in-process registry at {url} ({where}); Ctrl-C stops it")
+        _emit_json(args, {"url": url, "storage": str(storage) if storage else None})
+        await _housekeep(registry, storage)
+    return 0
+
+
+async def _housekeep(registry: Registry, storage: Path | None) -> None:
+    """Every second, log the requests served (``-v``), forget them, and save what changed to
+    ``storage``; save once more when cancelled."""
+    saved: set[str] = set()
+    try:
+        while True:
+            await trio.sleep(SAVE_INTERVAL)
+            changed = False
+            for request in registry.requests:
+                log.info("%s %s", request.method, request.url)
+                changed |= request.method not in ("GET", "HEAD")
+            registry.requests.clear()
+            if storage is not None and changed:
+                await _save(registry, storage, saved)
+    finally:
+        if storage is not None:
+            with trio.CancelScope(shield=True):
+                await _save(registry, storage, saved)
+
+
+async def _save(registry: Registry, storage: Path, saved: set[str]) -> None:
+    blobs = {repository: dict(stored) for repository, stored in registry.blobs.items()}
+    manifests = {repository: dict(stored) for repository, stored in registry.manifests.items()}
+    await trio.to_thread.run_sync(_save_storage, storage, blobs, manifests, saved)
+
+
+def _save_storage(
+    root: Path,
+    blobs: dict[str, dict[str, bytes]],
+    manifests: dict[str, dict[str, tuple[bytes, str]]],
+    saved: set[str],
+) -> None:
+    """Write every blob and manifest not ``saved`` yet to ``root/blobs/sha256-<hex>``, and
+    which repository holds what to ``root/repositories.json``."""
+
+    def keep(digest: str, data: bytes) -> None:
+        path = root / "blobs" / digest_to_path(digest)
+        if digest not in saved and not path.exists():
+            _write_atomic(path, data)
+        saved.add(digest)
+
+    state: dict[str, object] = {}
+    for repository in sorted(blobs.keys() | manifests.keys()):
+        for digest, data in blobs.get(repository, {}).items():
+            keep(digest, data)
+        refs = {}
+        for ref, (data, media_type) in manifests.get(repository, {}).items():
+            digest = Blob.from_bytes(data).digest
+            keep(digest, data)
+            refs[ref] = [digest, media_type]
+        state[repository] = {"blobs": sorted(blobs.get(repository, {})), "manifests": refs}
+    _write_atomic(root / STORAGE_INDEX, json.dumps(state, indent=1).encode())
+
+
+def _load_storage(registry: Registry, root: Path) -> None:
+    """Fill ``registry`` from what :func:`_save_storage` wrote to ``root``, if anything."""
+    path = root / STORAGE_INDEX
+    if not path.exists():
+        return
+    contents: dict[str, bytes] = {}
+
+    def read(digest: str) -> bytes:
+        if digest not in contents:
+            contents[digest] = (root / "blobs" / digest_to_path(digest)).read_bytes()
+        return contents[digest]
+
+    try:
+        for repository, entry in json.loads(path.read_bytes()).items():
+            registry.blobs[repository] = {digest: read(digest) for digest in entry["blobs"]}
+            registry.manifests[repository] = {
+                ref: (read(digest), media_type)
+                for ref, (digest, media_type) in entry["manifests"].items()
+            }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _Failure(
+            f"{path} is not a trio-blobs registry storage index: {exc!r}",
+            "The storage directory is damaged, or belongs to something else.",
+            "pick an empty directory, or repair or remove that file.",
+        ) from exc
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="trio-blobs-demo-") as tmp:
+        source, pulled = _OllamaLayout(Path(tmp, "source")), _OllamaLayout(Path(tmp, "pulled"))
+        _say(args, f"generating a synthetic model of about {_size(args.size)}")
+        manifest = await _generate_model(source, args.size)
+        async with _demo_registry(args.url) as url:
+            ref = Reference.parse(f"{url}/{DEMO_REPOSITORY}:latest")
+            _say(args, f"pushing it to {url} and pulling it back")
+            async with _connect(args, ref.base_url) as remote:
+                pushed = await _push_image(remote, ref, source, manifest, None)
+                fetched = await _pull_image(remote, ref, pulled, None)
+        problems = await _verify(pulled, manifest)
+    if problems:
+        raise _Failure(
+            f"the pulled copy differs: {'; '.join(problems[:3])}",
+            "The registry did not give back what was pushed.",
+            "run with -v, and check the registry.",
+        )
+    sizes = [blob.size for blob in manifest.blobs]
+    count = len(sizes)
+    lines = [
+        f"demo against {args.url or 'an embedded registry'}",
+        f"  model  {count} blobs, {_size(sum(sizes))} ({_size(min(sizes))} to {_size(max(sizes))})",
+    ]
+    for label, stats in (("push", pushed), ("pull", fetched)):
+        lines.append(
+            f"  {label}   {_size(stats.transferred_bytes)} in {stats.seconds:.2f} s = "
+            f"{stats.rate()}, {stats.requests / count:.2f} requests per blob"
+        )
+    lines.append("  verified: every blob's digest and the manifest match")
+    _say(args, "\n".join(lines))
+    _emit_json(
+        args,
+        {
+            "ok": True,
+            "url": url,
+            "blobs": count,
+            "bytes": sum(sizes),
+            "push": dataclasses.asdict(pushed),
+            "pull": dataclasses.asdict(fetched),
+            "verified": True,
+        },
+    )
+    return 0
+
+
+def _model_shapes(size: int) -> tuple[int, list[tuple[str, int]]]:
+    """The hidden size and (tensor name, bytes) list of a float16 transformer of about ``size``
+    bytes: embeddings, then per layer four attention matrices, three biases, three MLP
+    matrices and two norms, then a final norm."""
+    # size ~ 2 V h + 24 L h^2: solve for h, a multiple of 16.
+    a, b = 24 * DEMO_LAYERS, 2 * DEMO_VOCAB
+    hidden = max(16, int((math.sqrt(b * b + 4 * a * size) - b) / (2 * a)) // 16 * 16)
+    inner = hidden * 8 // 3
+    shapes = [("embed_tokens.weight", 2 * DEMO_VOCAB * hidden)]
+    for layer in range(DEMO_LAYERS):
+        prefix = f"layers.{layer}."
+        shapes += [(f"{prefix}attn.{m}.weight", 2 * hidden * hidden) for m in "qkvo"]
+        shapes += [(f"{prefix}attn.{m}.bias", 2 * hidden) for m in "qkv"]
+        shapes += [(f"{prefix}mlp.{m}.weight", 2 * hidden * inner) for m in ("gate", "up", "down")]
+        shapes += [(f"{prefix}{m}.weight", 2 * hidden) for m in ("input_norm", "post_norm")]
+    shapes.append(("norm.weight", 2 * hidden))
+    return hidden, shapes
+
+
+async def _generate_model(layout: _Layout, size: int) -> Manifest:
+    """Write a synthetic model of random tensors to ``layout``; return its OCI manifest."""
+    hidden, shapes = _model_shapes(size)
+    rng = random.Random()
+    layers = []
+    for name, nbytes in shapes:
+        blob = _write_blob(layout, rng.randbytes(nbytes))
+        layers.append(
+            {
+                "mediaType": DEMO_TENSOR,
+                "digest": blob.digest,
+                "size": blob.size,
+                "annotations": {"org.opencontainers.image.title": name},
+            }
+        )
+        await trio.lowlevel.checkpoint()
+    config = {"hidden_size": hidden, "num_layers": DEMO_LAYERS, "vocab_size": DEMO_VOCAB}
+    config_blob = _write_blob(layout, json.dumps({**config, "dtype": "float16"}).encode())
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": DEMO_CONFIG,
+            "digest": config_blob.digest,
+            "size": config_blob.size,
+        },
+        "layers": layers,
+    }
+    return Manifest.parse(json.dumps(document, indent=1).encode())
+
+
+def _write_blob(layout: _Layout, data: bytes) -> Blob:
+    blob = Blob.from_bytes(data)
+    _write_atomic(layout.blob_path(blob.digest), data)
+    return blob
+
+
+async def _verify(layout: _Layout, manifest: Manifest) -> list[str]:
+    """What differs between ``manifest`` and the copy of it in ``layout``, hashed anew."""
+    problems = []
+    for blob in manifest.blobs:
+        path = layout.blob_path(blob.digest)
+        actual = await trio.to_thread.run_sync(_file_digest, path)
+        if actual != blob.digest:
+            problems.append(f"{path.name} hashes to {actual}")
+    if [layout.load(name).data for name in layout.images()] != [manifest.data]:
+        problems.append("the stored manifest is not the one pushed")
+    return problems
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return "sha256:" + hashlib.file_digest(file, "sha256").hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def _demo_registry(url: str | None) -> AsyncIterator[str]:
+    """``url``, or the address of ``trio-blobs serve`` run meanwhile in a child process, which
+    has a core of its own as a real registry would."""
+    if url:
+        yield url
+        return
+    command = [sys.executable, "-m", "trio_blobs", "serve", "--port", "0", "--json", "--quiet"]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        line = b""
+        while not line.endswith(b"\n") and (chunk := await process.stdout.receive_some()):
+            line += chunk
+        try:
+            served: str = json.loads(line)["url"]
+        except (ValueError, KeyError) as exc:
+            raise _Failure(
+                "the embedded registry did not start",
+                "The child process running `trio-blobs serve` failed.",
+                "run `trio-blobs serve -v` to see why.",
+            ) from exc
+        yield served
+    finally:
+        with trio.CancelScope(shield=True):
+            process.terminate()
+            with trio.move_on_after(CHILD_TIMEOUT):
+                await process.wait()
+            process.kill()  # if it is still there
+            await process.wait()
+            await process.stdout.aclose()

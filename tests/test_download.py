@@ -971,3 +971,25 @@ async def test_a_dest_dir_that_is_a_file_is_a_clear_error(
         await download(blobs, base_url=BASE_URL, dest_dir=tmp_path / "file", client=client)
     assert (tmp_path / "file").read_bytes() == b"keep me"
     assert registry.requests == []
+
+
+async def test_blob_progress_follows_each_blob(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    present, flaky, plain = add_blobs(registry, 100, 300_000, 200)
+    (tmp_path / present.file_name).write_bytes(registry.blobs["library/_"][present.digest])
+    registry.add_fault(Fault(digest=flaky.digest, truncate_at=200_000))
+    seen: dict[str, list[int]] = {}
+    await download(
+        [present, flaky, plain],
+        base_url=BASE_URL,
+        dest_dir=tmp_path,
+        client=client,
+        blob_progress=lambda blob, done: seen.setdefault(blob.digest, []).append(done),
+    )
+    assert seen[present.digest] == [100]
+    assert seen[plain.digest][-1] == 200
+    flaky_calls = seen[flaky.digest]
+    assert 0 in flaky_calls  # the failed attempt went back to nothing
+    assert flaky_calls[-1] == 300_000
+    assert all(0 <= done <= 300_000 for done in flaky_calls)

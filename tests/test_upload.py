@@ -1084,3 +1084,24 @@ async def test_errors_from_a_mock_transport_are_transfer_errors(tmp_path: Path) 
                 client=client,
                 retry=RetryPolicy(max_attempts=1),
             )
+
+
+async def test_blob_progress_follows_each_blob(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    present, mounted, pushed = write_blobs(tmp_path, 100, 200, 3_000_000)
+    registry.add_blob((tmp_path / present.file_name).read_bytes())
+    registry.add_blob((tmp_path / mounted.file_name).read_bytes(), "models/base")
+    seen: dict[str, list[int]] = {}
+    await upload(
+        [present, Blob(mounted.digest, mounted.size, mount_from="models/base"), pushed],
+        base_url=BASE_URL,
+        src_dir=tmp_path,
+        client=client,
+        chunk_size=1_000_000,
+        blob_progress=lambda blob, done: seen.setdefault(blob.digest, []).append(done),
+    )
+    assert seen[present.digest] == [100]
+    assert seen[mounted.digest] == [200]
+    assert seen[pushed.digest][-1] == 3_000_000
+    assert seen[pushed.digest] == sorted(seen[pushed.digest])

@@ -68,6 +68,7 @@ from .testing import Registry
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 __all__ = ["main"]
 
@@ -76,6 +77,7 @@ log = logging.getLogger("trio_blobs.cli")
 PULL_CONCURRENCY = 64
 PUSH_CONCURRENCY = 32
 PLAIN_INTERVAL = 2.0  # seconds between plain progress lines
+LARGEST_SHOWN = 3  # blobs in flight shown below the progress bar
 SAVE_INTERVAL = 1.0  # seconds between saves of `serve --storage`
 CHILD_TIMEOUT = 2.0  # seconds a child registry gets to exit
 INCOMING = ".trio-blobs-incoming"  # an OCI layout's staging directory for downloads
@@ -526,10 +528,12 @@ def _emit_json(args: argparse.Namespace, record: dict[str, object]) -> None:
 
 
 class _Progress:
-    """One transfer's progress on stderr: bytes done and total, speed, ETA and blob count.
+    """One transfer's progress on stderr: bytes done and total, speed, ETA, blobs done and
+    total, and the few largest blobs in flight.
 
     A rich bar redrawn in place (style ``rich``), a line every few seconds (``plain``), or
-    nothing (``off``). Use it as a context manager and pass it as ``progress=``.
+    nothing (``off``). Use it as a context manager; pass it as ``progress=`` and its
+    :meth:`blob` as ``blob_progress=``.
     """
 
     def __init__(self, label: str, *, total: int, blobs: int, style: str) -> None:
@@ -538,6 +542,9 @@ class _Progress:
         self._style = style
         self._started = self._last_time = time.monotonic()
         self._last_done = 0
+        self._finished: set[str] = set()
+        self._flying: dict[str, tuple[int, int]] = {}  # digest -> (size, bytes so far)
+        self._rows: dict[str, TaskID] = {}  # rich rows of the largest blobs in flight
         self._bar: RichProgress | None = None
         if style == "rich":
             from rich.console import Console
@@ -556,10 +563,10 @@ class _Progress:
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[blobs]} blobs"),
+                TextColumn("{task.fields[blobs]}"),
                 console=Console(stderr=True),
             )
-            self._task = self._bar.add_task(label, total=total, blobs=blobs)
+            self._task = self._bar.add_task(label, total=total, blobs=self._count())
 
     def __enter__(self) -> _Progress:
         if self._bar is not None:
@@ -569,6 +576,34 @@ class _Progress:
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def _count(self) -> str:
+        return f"{len(self._finished)}/{self._blobs} blobs"
+
+    def _largest(self) -> list[tuple[str, int, int]]:
+        """Up to three blobs in flight, largest first: (digest, size, bytes so far)."""
+        flying = sorted(self._flying.items(), key=lambda item: -item[1][0])[:LARGEST_SHOWN]
+        return [(digest, size, done) for digest, (size, done) in flying]
+
+    def blob(self, blob: Blob, done: int) -> None:
+        """``done`` bytes of ``blob`` moved; ``blob.size`` means it is finished."""
+        if done >= blob.size:
+            self._flying.pop(blob.digest, None)
+            self._finished.add(blob.digest)
+        else:
+            self._finished.discard(blob.digest)
+            self._flying[blob.digest] = (blob.size, done)
+        if self._bar is None:
+            return
+        largest = self._largest()
+        shown = {digest for digest, _, _ in largest}
+        for digest in [d for d in self._rows if d not in shown]:
+            self._bar.remove_task(self._rows.pop(digest))
+        for digest, size, so_far in largest:
+            if digest not in self._rows:
+                self._rows[digest] = self._bar.add_task(f"  {digest[:19]}", total=size, blobs="")
+            self._bar.update(self._rows[digest], completed=so_far)
+        self._bar.update(self._task, blobs=self._count())
 
     def __call__(self, completed: int, total: int) -> None:
         if self._bar is not None:
@@ -581,9 +616,14 @@ class _Progress:
         average = completed / (now - self._started)
         eta = f"{(total - completed) / average:.0f} s" if average > 0 else "unknown"
         percent = 100 * completed / total if total else 100.0
+        flying = ", ".join(
+            f"{digest[:19]} {100 * so_far / size:.0f}% of {_size(size)}"
+            for digest, size, so_far in self._largest()
+        )
         print(
             f"{self._label}: {percent:3.0f}%  {_size(completed)} of {_size(total)}  "
-            f"{_size(rate)}/s  ETA {eta}  {self._blobs} blobs",
+            f"{_size(rate)}/s  ETA {eta}  {self._count()}"
+            + (f"  (largest in flight: {flying})" if flying else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -917,6 +957,7 @@ async def _pull_image(
             dest_dir=dest,
             concurrency=remote.concurrency or PULL_CONCURRENCY,
             progress=progress,
+            blob_progress=progress.blob,
             client=remote.client,
             get_token=remote.auth,
         )
@@ -972,6 +1013,7 @@ async def _push_image(
             src_dir=src,
             concurrency=remote.concurrency or PUSH_CONCURRENCY,
             progress=progress,
+            blob_progress=progress.blob,
             client=remote.client,
             get_token=remote.auth,
             manifest=manifest.data,

@@ -19,6 +19,7 @@ from ._protocol import check_announced_digest
 from ._retry import RetryPolicy
 from ._session import GetToken
 from ._transfer import (
+    BlobProgressCallback,
     Progress,
     ProgressCallback,
     Transfer,
@@ -49,6 +50,7 @@ async def download(
     repository: str = "library/_",
     concurrency: int = 64,
     progress: ProgressCallback | None = None,
+    blob_progress: BlobProgressCallback | None = None,
     client: httpx.AsyncClient | None = None,
     token: str | None = None,
     get_token: GetToken | None = None,
@@ -66,7 +68,8 @@ async def download(
     ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
     always followed here, never by httpx, and ``Authorization`` (from ``token``, or from
     ``await get_token(challenge)`` after a 401) is only ever sent to ``base_url``'s origin.
-    ``progress(completed, total)`` is called as bytes arrive. An attempt that receives nothing
+    ``progress(completed, total)`` is called as bytes arrive, and ``blob_progress(blob, done)``
+    with each blob's own count (``blob.size`` once it is done). An attempt that receives nothing
     for ``stall_timeout`` seconds, or crawls far below recent transfers, is cancelled and retried
     as ``retry`` (a :class:`RetryPolicy`) allows.
 
@@ -91,9 +94,11 @@ async def download(
         actions="pull",
     ) as session:
         present = _prepare(dest, todo)
-        tracker = Progress(progress, total=sum(blob.size for blob in todo))
+        tracker = Progress(
+            progress, total=sum(blob.size for blob in todo), blob_callback=blob_progress
+        )
+        tracker.done_already(blob for blob in todo if blob.digest in present)
         todo = [blob for blob in todo if blob.digest not in present]
-        tracker.add(tracker.total - sum(blob.size for blob in todo))
         transfer = Transfer(
             session=session,
             concurrency=concurrency,
@@ -133,7 +138,7 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
 async def _attempt(transfer: Transfer, blob: Blob, dest: Path, watch: Watch) -> None:
     """One GET of ``blob`` streamed into a verified file; a failure rolls its progress back."""
     session = transfer.session
-    with transfer.progress.attempt() as counted:
+    with transfer.progress.attempt(blob) as counted:
         async with session.stream(
             "GET",
             session.url(f"blobs/{blob.digest}"),

@@ -20,6 +20,10 @@ from ._session import CLEANUP_TIMEOUT, Credentials, GetToken, RegistrySession
 ProgressCallback = Callable[[int, int], object]
 """``progress(completed, total)``, called with byte counts as a transfer advances."""
 
+BlobProgressCallback = Callable[[Blob, int], object]
+"""``blob_progress(blob, done)``: bytes of one blob so far; back to fewer when an attempt fails,
+``blob.size`` once the blob is done (verified, committed, mounted, or found already there)."""
+
 DEFAULT_LOGGER = logging.getLogger("trio_blobs")
 
 
@@ -60,26 +64,40 @@ def check_options(*, concurrency: int, stall_timeout: float) -> None:
 
 
 class Progress:
-    """Byte counts reported to the caller's callback; failed attempts roll theirs back.
+    """Byte counts reported to the caller's callbacks; failed attempts roll theirs back.
 
     A callback that raises is not called again: its exception ends the transfer, and the
     clean-up that follows must not raise it a second time.
     """
 
-    def __init__(self, callback: ProgressCallback | None, *, total: int) -> None:
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        *,
+        total: int,
+        blob_callback: BlobProgressCallback | None = None,
+    ) -> None:
         self._callback = callback
+        self._blob_callback = blob_callback
         self.total = total
         self.completed = 0
 
     @contextmanager
-    def attempt(self) -> Iterator[AttemptProgress]:
+    def attempt(self, blob: Blob) -> Iterator[AttemptProgress]:
         """Count one attempt's bytes; if it fails (or is cancelled), take them all back."""
-        counted = AttemptProgress(self)
+        counted = AttemptProgress(self, blob)
         try:
             yield counted
         except BaseException:
             counted.set(0)
             raise
+
+    def done_already(self, blobs: Iterable[Blob]) -> None:
+        """Count ``blobs`` as done without moving them (present already): one call for all."""
+        blobs = list(blobs)
+        self.add(sum(blob.size for blob in blobs))
+        for blob in blobs:
+            self.blob(blob, blob.size)
 
     def add(self, nbytes: int) -> None:
         """Count ``nbytes`` more (negative to roll back) and tell the caller."""
@@ -91,12 +109,22 @@ class Progress:
                 self._callback = None
                 raise
 
+    def blob(self, blob: Blob, done: int) -> None:
+        """Tell the caller that ``done`` bytes of ``blob`` have moved."""
+        if self._blob_callback is not None:
+            try:
+                self._blob_callback(blob, done)
+            except BaseException:
+                self._blob_callback = None
+                raise
+
 
 class AttemptProgress:
     """The bytes one attempt has reported; see :meth:`Progress.attempt`."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, blob: Blob) -> None:
         self._progress = progress
+        self._blob = blob
         self.value = 0
 
     def set(self, value: int) -> None:
@@ -104,6 +132,7 @@ class AttemptProgress:
         if value != self.value:
             delta, self.value = value - self.value, value
             self._progress.add(delta)
+            self._progress.blob(self._blob, value)
 
     def add(self, nbytes: int) -> None:
         """``nbytes`` more moved."""

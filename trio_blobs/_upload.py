@@ -23,6 +23,7 @@ from ._retry import RetryPolicy
 from ._session import Body, GetToken, RegistrySession
 from ._transfer import (
     AttemptProgress,
+    BlobProgressCallback,
     Progress,
     ProgressCallback,
     Transfer,
@@ -67,6 +68,7 @@ async def upload(
     repository: str = "library/_",
     concurrency: int = 32,
     progress: ProgressCallback | None = None,
+    blob_progress: BlobProgressCallback | None = None,
     client: httpx.AsyncClient | None = None,
     token: str | None = None,
     get_token: GetToken | None = None,
@@ -124,11 +126,13 @@ async def upload(
             concurrency=concurrency,
             stall_timeout=stall_timeout,
             retry=retry or RetryPolicy(),
-            progress=Progress(progress, total=sum(blob.size for blob in todo)),
+            progress=Progress(
+                progress, total=sum(blob.size for blob in todo), blob_callback=blob_progress
+            ),
         )
         pusher = _Pusher(transfer, src, chunk_size=chunk_size, chunk_threshold=chunk_threshold)
         present = await pusher.find_present(todo, trio.CapacityLimiter(head_concurrency))
-        transfer.progress.add(sum(blob.size for blob in todo if blob.digest in present))
+        transfer.progress.done_already(blob for blob in todo if blob.digest in present)
         await transfer.run_each([b for b in todo if b.digest not in present], pusher.push)
         manifest_digest = None
         if manifest_plan is not None:
@@ -383,11 +387,11 @@ class _Pusher:
         async def attempt(watch: Watch) -> None:
             nonlocal tried
             if tried and await self._exists(blob, watch):
-                self._transfer.progress.add(blob.size)
+                self._transfer.progress.done_already([blob])
                 self.uploaded.add(blob.digest)
                 return
             tried = True
-            with self._transfer.progress.attempt() as counted:
+            with self._transfer.progress.attempt(blob) as counted:
                 source = _Source(blob, self._src / blob.file_name, watch, counted)
                 push = _Push(self, source)
                 try:

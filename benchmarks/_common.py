@@ -10,7 +10,9 @@ import multiprocessing.connection
 import random
 import re
 import resource
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -131,6 +133,60 @@ def registry_url(url: str | None, registry: str = "embedded") -> Iterator[str]:
     finally:
         server.terminate()
         server.join()
+
+
+@dataclass
+class Case:
+    """One workload of a benchmark: its blobs (as files in ``src``) and where to run."""
+
+    url: str
+    index: int
+    workload: Workload
+    src: Path
+    blobs: list[Blob]
+    concurrency: int
+
+
+def run_benchmark(
+    description: str | None,
+    *,
+    action: str,
+    default_concurrency: int,
+    prepare: Callable[[Case], Awaitable[object]],
+    once: Callable[[Case, httpx.AsyncClient, Path], Awaitable[object]],
+) -> None:
+    """The whole benchmark: parse the options, run a registry (or use ``--url``), and for each
+    workload write its blobs, ``prepare`` the registry, then time ``once(case, client, fresh)``
+    once to warm up and ``--runs`` times more (``fresh`` is a new, absent path each time,
+    removed after), and print the median."""
+    args = parser(description).parse_args()
+    concurrency = args.concurrency or default_concurrency
+    with (
+        tempfile.TemporaryDirectory(prefix="trio-blobs-bench-") as tmp,
+        registry_url(args.url, args.registry) as url,
+    ):
+        root = Path(tmp)
+
+        async def run() -> None:
+            print_header(f"{action} {url}, concurrency {concurrency}")
+            for index, workload in enumerate(workloads(args)):
+                src = root / f"src{index}"
+                src.mkdir()
+                case = Case(url, index, workload, src, workload.write(src, seed=index), concurrency)
+                await prepare(case)
+                results = []
+                for attempt in range(args.runs + 1):
+                    fresh = root / f"run{index}-{attempt}"
+                    results.append(
+                        await measure(
+                            concurrency, lambda client, c=case, f=fresh: once(c, client, f)
+                        )
+                    )
+                    shutil.rmtree(fresh, ignore_errors=True)
+                shutil.rmtree(src)
+                print_row(workload, results[1:])
+
+        trio.run(run)
 
 
 @dataclass

@@ -11,55 +11,36 @@ once to warm up and ``--runs`` times into a fresh directory, and the median run 
 
 from __future__ import annotations
 
-import functools
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
-import trio
-from _common import Run, measure, parser, print_header, print_row, registry_url, workloads
+import httpx
+from _common import Case, run_benchmark
 
 import trio_blobs
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
-    concurrency = args.concurrency or 64
-    with (
-        tempfile.TemporaryDirectory(prefix="trio-blobs-bench-") as tmp,
-        registry_url(args.url, args.registry) as url,
-    ):
-        root = Path(tmp)
+def _repository(case: Case) -> str:
+    return f"bench/download-{case.index}"
 
-        async def run() -> None:
-            print_header(f"download from {url}, concurrency {concurrency}")
-            for index, workload in enumerate(workloads(args)):
-                src = root / f"src{index}"
-                src.mkdir()
-                blobs = workload.write(src, seed=index)
-                repository = f"bench/download-{index}"
-                await trio_blobs.upload(blobs, base_url=url, src_dir=src, repository=repository)
-                shutil.rmtree(src)
-                results: list[Run] = []
-                for attempt in range(args.runs + 1):
-                    dest = root / f"dest{index}-{attempt}"
-                    pull = functools.partial(
-                        trio_blobs.download,
-                        blobs,
-                        base_url=url,
-                        dest_dir=dest,
-                        repository=repository,
-                        concurrency=concurrency,
-                    )
-                    results.append(
-                        await measure(concurrency, lambda client, p=pull: p(client=client))
-                    )
-                    shutil.rmtree(dest)
-                print_row(workload, results[1:])
 
-        trio.run(run)
+async def _push(case: Case) -> None:
+    await trio_blobs.upload(
+        case.blobs, base_url=case.url, src_dir=case.src, repository=_repository(case)
+    )
+
+
+async def _pull(case: Case, client: httpx.AsyncClient, fresh: Path) -> None:
+    await trio_blobs.download(
+        case.blobs,
+        base_url=case.url,
+        dest_dir=fresh,
+        repository=_repository(case),
+        client=client,
+        concurrency=case.concurrency,
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(
+        __doc__, action="download from", default_concurrency=64, prepare=_push, once=_pull
+    )

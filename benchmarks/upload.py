@@ -11,52 +11,29 @@ into a fresh repository, and the median run is reported.
 
 from __future__ import annotations
 
-import functools
-import shutil
-import sys
-import tempfile
 import uuid
 from pathlib import Path
 
-import trio
-from _common import Run, measure, parser, print_header, print_row, registry_url, workloads
+import httpx
+from _common import Case, run_benchmark
 
 import trio_blobs
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
-    concurrency = args.concurrency or 32
-    with (
-        tempfile.TemporaryDirectory(prefix="trio-blobs-bench-") as tmp,
-        registry_url(args.url, args.registry) as url,
-    ):
-        root = Path(tmp)
+async def _nothing(case: Case) -> None:
+    """Nothing to set up: every run pushes into a repository of its own."""
 
-        async def run() -> None:
-            print_header(f"upload to {url}, concurrency {concurrency}")
-            for index, workload in enumerate(workloads(args)):
-                src = root / f"src{index}"
-                src.mkdir()
-                blobs = workload.write(src, seed=index)
-                results: list[Run] = []
-                for _ in range(args.runs + 1):
-                    push = functools.partial(
-                        trio_blobs.upload,
-                        blobs,
-                        base_url=url,
-                        src_dir=src,
-                        repository=f"bench/upload-{uuid.uuid4().hex[:12]}",
-                        concurrency=concurrency,
-                    )
-                    results.append(
-                        await measure(concurrency, lambda client, p=push: p(client=client))
-                    )
-                shutil.rmtree(src)
-                print_row(workload, results[1:])
 
-        trio.run(run)
+async def _push(case: Case, client: httpx.AsyncClient, fresh: Path) -> None:
+    await trio_blobs.upload(
+        case.blobs,
+        base_url=case.url,
+        src_dir=case.src,
+        repository=f"bench/upload-{uuid.uuid4().hex[:12]}",  # empty, even on a reused registry
+        client=client,
+        concurrency=case.concurrency,
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(__doc__, action="upload to", default_concurrency=32, prepare=_nothing, once=_push)

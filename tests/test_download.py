@@ -993,3 +993,15 @@ async def test_blob_progress_follows_each_blob(
     assert 0 in flaky_calls  # the failed attempt went back to nothing
     assert flaky_calls[-1] == 300_000
     assert all(0 <= done <= 300_000 for done in flaky_calls)
+
+
+async def test_too_little_free_space_is_a_clear_error_before_any_request(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    present = add_blobs(registry, 100)[0]
+    (tmp_path / present.file_name).write_bytes(registry.blobs["library/_"][present.digest])
+    huge = Blob("sha256:" + "0" * 64, 2**62)  # more than any disk here
+    with pytest.raises(LocalFileError, match=f"{tmp_path} has .* bytes free; .* need 4,611"):
+        await download([present, huge], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert registry.requests == []
+    assert stored(tmp_path) == {present.file_name}  # nothing already stored is touched

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from ._digest import Blob, hashed_digest, new_hasher
-from ._exceptions import IntegrityError
+from ._exceptions import IntegrityError, LocalFileError
 from ._monitor import Watch
 from ._protocol import check_announced_digest
 from ._retry import RetryPolicy
@@ -118,7 +119,10 @@ async def download(
 
 
 def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
-    """Create ``dest`` if needed; return the digests of blobs already there with the right size."""
+    """Create ``dest`` if needed; return the digests of blobs already there with the right size.
+
+    Raises :class:`LocalFileError` when the others cannot fit in the space free there.
+    """
     with local_file_errors(None, dest):
         if dest.exists() and not dest.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "dest_dir is not a directory")
@@ -132,6 +136,13 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
                     present.add(blob.digest)
             except FileNotFoundError:
                 pass
+    needed = sum(blob.size for blob in blobs if blob.digest not in present)
+    with local_file_errors(None, dest):
+        free = shutil.disk_usage(dest).free
+    if needed > free:
+        raise LocalFileError(
+            f"{dest} has {free:,} bytes free; the blobs still to fetch need {needed:,}"
+        )
     return present
 
 

@@ -210,7 +210,7 @@ async def test_a_token_rejected_after_refresh_is_final(tmp_path: Path) -> None:
         return "wrong"
 
     async with httpx.AsyncClient(transport=registry.transport()) as client:
-        with pytest.raises(AuthenticationError, match="refused a fresh token") as caught:
+        with pytest.raises(AuthenticationError, match="refused the new credentials") as caught:
             await download(
                 blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, get_token=get_token
             )

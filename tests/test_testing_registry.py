@@ -504,3 +504,16 @@ async def test_serving_lets_the_block_error_and_cancellation_through() -> None:
         async with Registry().serving():
             await trio.sleep_forever()
     assert scope.cancelled_caught
+
+
+async def test_serving_lets_the_blocks_error_out_beside_a_cancellation() -> None:
+    async def fail_while_cancelled(outer: trio.CancelScope) -> None:
+        async with Registry().serving():
+            outer.cancel()
+            try:
+                await trio.sleep(1)
+            finally:
+                raise OSError("disk gone")
+
+    with trio.CancelScope() as outer, pytest.raises(OSError, match="disk gone"):
+        await fail_while_cancelled(outer)

@@ -145,7 +145,7 @@ class RegistrySession:
                 )
                 if isinstance(error, AuthenticationError):
                     error.message += (
-                        " (the registry refused a fresh token too)"
+                        " (the registry refused the new credentials too)"
                         if refreshed
                         else " (pass token= or get_token= to authenticate)"
                     )

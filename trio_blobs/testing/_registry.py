@@ -280,10 +280,12 @@ class Registry:
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The server contains its own errors: a lone exception is the block's, so unwrap it.
-            if len(group.exceptions) != 1:
+            # The server contains its own errors: a lone exception beside cancellations is the
+            # block's, so unwrap it.
+            _, rest = group.split(trio.Cancelled)
+            if rest is None or len(rest.exceptions) != 1:
                 raise
-            failure = group.exceptions[0]
+            failure = rest.exceptions[0]
         if failure is not None:
             raise failure
 

@@ -5,6 +5,7 @@ wrote; plus its parsers (references, platforms, manifests) as pure functions."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import trio.testing
 
 from trio_blobs import Blob, IntegrityError, ProtocolError, RetriesExhaustedError, upload
 from trio_blobs._cli import main
+from trio_blobs._digest import compute_digest
 from trio_blobs._manifest import (
     Manifest,
     Platform,
@@ -57,7 +59,7 @@ class Image:
 
     @property
     def digest(self) -> str:
-        return Blob.from_bytes(self.manifest).digest
+        return compute_digest(self.manifest)
 
 
 def make_image(*sizes: int, config: bytes = b'{"os": "linux"}', docker: bool = False) -> Image:
@@ -200,6 +202,62 @@ async def test_pull_into_an_oci_layout_and_again_transfers_nothing(
     )
 
 
+async def test_a_tag_pulled_again_into_an_oci_layout_replaces_the_image_with_a_warning(
+    served: Served, tmp_path: Path
+) -> None:
+    first, second = make_image(10), make_image(20)
+    store(served.registry, first, "org/first", "1.0")
+    store(served.registry, second, "org/second", "1.0")
+    for name in ("first", "second"):
+        done = await cli("pull", f"{served.url}/org/{name}:1.0", tmp_path, "--layout", "oci")
+        assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        f"trio-blobs: warning: {served.host}/org/second:1.0 replaces the image tagged 1.0 "
+        f"({first.digest}) in {tmp_path / 'index.json'}\n"
+    )
+    assert_pulled(tmp_path, "oci", second, "1.0")
+
+
+async def test_a_docker_manifest_pulled_by_digest_into_an_oci_layout(
+    served: Served, tmp_path: Path
+) -> None:
+    image = make_image(10, docker=True)
+    store(served.registry, image, "org/app", "v1")
+    converted = Manifest.parse(image.manifest).as_oci()
+    by_digest = f"{served.url}/org/app@{image.digest}"
+    done = await cli("pull", by_digest, tmp_path, "--layout", "oci", "--json")
+    assert done.returncode == 0, done.stderr
+    assert (done.summary["digest"], done.summary["stored_digest"]) == (
+        image.digest,
+        converted.digest,
+    )
+    for ref in (f"{served.url}/org/app:v1", by_digest):
+        done = await cli("pull", ref, tmp_path, "--layout", "oci")
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        f"its manifest is stored converted to OCI, as {converted.digest}"
+    )
+    assert_pulled(tmp_path, "oci", Image(image.contents, converted.data), "v1")
+
+
+@pytest.mark.parametrize(("layout", "other"), [("ollama", "oci"), ("oci", "ollama")])
+async def test_a_pull_keeps_to_the_layout_dir_holds(
+    served: Served, tmp_path: Path, layout: str, other: str
+) -> None:
+    store(served.registry, make_image(10), "org/app", "v1")
+    store(served.registry, make_image(20), "org/app", "v2")
+    first = await cli("pull", f"{served.url}/org/app:v1", tmp_path, "--layout", layout)
+    assert first.returncode == 0, first.stderr
+    second = await cli("pull", f"{served.url}/org/app:v2", tmp_path, "--json")
+    assert second.returncode == 0, second.stderr
+    assert second.summary["layout"] == layout
+    before = files(tmp_path)
+    refused = await cli("pull", f"{served.url}/org/app:v1", tmp_path, "--layout", other)
+    assert refused.returncode == 1
+    assert f"{tmp_path} holds an {layout} image store, not an {other} one" in refused.stderr
+    assert files(tmp_path) == before
+
+
 @pytest.mark.parametrize("layout", ["ollama", "oci"])
 async def test_push_from_either_layout(served: Served, tmp_path: Path, layout: str) -> None:
     image = make_image(100, 1_500_000)
@@ -220,18 +278,62 @@ async def test_push_from_either_layout(served: Served, tmp_path: Path, layout: s
         "push", tmp_path, f"http://{served.host}/more/model:v1", "--mount-from", "copies/model"
     )
     assert mounted.returncode == 0, mounted.stderr
-    assert "0 blobs uploaded" in mounted.stdout
-    assert "3 mounted" in mounted.stdout
+    assert mounted.stdout == (
+        f"pushed {pushed.summary['image']} to {served.host}/more/model:v1: "
+        "nothing uploaded, 3 mounted, 0 already there\n"
+    )
     assert served.registry.manifests["more/model"]["v1"][0] == image.manifest
     assert not [name for name in files(tmp_path) if "outgoing" in name]
 
 
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """The size and modification time of ``root`` and of everything below it."""
+    return {
+        p.relative_to(root).as_posix(): (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in [root, *root.rglob("*")]
+    }
+
+
+async def test_push_from_an_oci_layout_never_writes_to_it(served: Served, tmp_path: Path) -> None:
+    image = make_image(100, 1_000)
+    store(served.registry, image, "org/app", "v1")
+    layout, tmp = tmp_path / "layout", tmp_path / "tmp"
+    tmp.mkdir()
+    pulled = await cli("pull", f"{served.url}/org/app:v1", layout, "--layout", "oci")
+    assert pulled.returncode == 0, pulled.stderr
+    before = snapshot(layout)
+    served.registry.add_fault(Fault(method="HEAD", delay=0.5))  # time to look at the staging
+    process = await trio.lowlevel.open_process(
+        [*CLI, "push", str(layout), f"{served.url}/copies/app:v1"],
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    for _ in range(500):  # until the push asks for its first blob, held back by the fault
+        if any(r.method == "HEAD" for r in served.registry.requests):
+            break
+        await trio.sleep(0.01)
+    [staging] = tmp.iterdir()
+    assert {link.name: link.resolve() for link in staging.iterdir()} == {
+        blob.file_name: layout / "blobs/sha256" / blob.digest.partition(":")[2]
+        for blob in image.blobs
+    }
+    assert snapshot(layout) == before
+    with trio.fail_after(10):
+        await process.wait()
+    assert process.returncode == 0
+    assert snapshot(layout) == before
+    assert list(tmp.iterdir()) == []
+    assert served.registry.manifests["copies/app"]["v1"][0] == image.manifest
+
+
 async def test_push_says_which_image_when_dir_holds_several(served: Served, tmp_path: Path) -> None:
+    target = f"http://{served.host}/elsewhere/model:v1"
     for name in ("one", "two"):
         store(served.registry, make_image(10), f"library/{name}", "latest")
         done = await cli("pull", f"http://{served.host}/library/{name}", tmp_path)
         assert done.returncode == 0, done.stderr
-    target = f"http://{served.host}/elsewhere/model:v1"
+        if name == "one":
+            missing = await cli("push", tmp_path, target, "--image", "two")
+            assert f"{tmp_path} holds 1 image; none matches --image two" in missing.stderr
 
     ambiguous = await cli("push", tmp_path, target)
     assert ambiguous.returncode == 1
@@ -245,6 +347,30 @@ async def test_push_says_which_image_when_dir_holds_several(served: Served, tmp_
     empty = await cli("push", tmp_path / "nothing", target)
     assert empty.returncode == 1
     assert "no image in" in empty.stderr
+
+
+async def test_push_finds_the_image_by_its_name_or_digest(served: Served, tmp_path: Path) -> None:
+    images = {name: make_image(10) for name in ("llama3.2", "other")}
+    for name, image in images.items():
+        store(served.registry, image, f"library/{name}", "latest")
+        done = await cli("pull", f"{served.url}/library/{name}", tmp_path)
+        assert done.returncode == 0, done.stderr
+    # As pulled from ollama's registry.
+    (tmp_path / "manifests" / served.host).rename(tmp_path / "manifests/registry.ollama.ai")
+
+    by_name = await cli("push", tmp_path, f"{served.url}/me/llama3.2:latest")
+    assert by_name.returncode == 0, by_name.stderr
+    assert served.registry.manifests["me/llama3.2"]["latest"][0] == images["llama3.2"].manifest
+
+    other = images["other"].digest
+    by_digest = await cli("push", tmp_path, f"{served.url}/me/x@{other}")
+    assert by_digest.returncode == 0, by_digest.stderr
+    assert served.registry.manifests["me/x"][other][0] == images["other"].manifest
+
+    wrong = await cli("push", tmp_path, f"{served.url}/me/x:v1", "--image", "nothing")
+    assert wrong.returncode == 1
+    assert "holds 2 images; none matches --image nothing: registry.ollama.ai/" in wrong.stderr
+    assert "Try: give --image one of the names listed." in wrong.stderr
 
 
 # -- indexes -------------------------------------------------------------------------------------
@@ -491,6 +617,26 @@ def test_bad_references_are_usage_errors(text: str, capsys: pytest.CaptureFixtur
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "record"),
+    [
+        (["pull", "Bad", "dir", "--json"], {"command": "pull", "error": "bad reference 'Bad': "}),
+        (["--json"], {"command": None, "error": "the following arguments are required: COMMAND"}),
+    ],
+)
+def test_usage_errors_with_json_are_a_json_line_too(
+    argv: list[str], record: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    assert printed["error"].startswith(record.pop("error"))
+    assert printed == {**printed, "ok": False, **record}
+    assert f"error: {printed['error']}" in err
+
+
 @pytest.mark.parametrize("command", ["pull", "push", "serve", "demo"])
 def test_every_command_has_help_with_an_example(
     command: str, capsys: pytest.CaptureFixture[str]
@@ -523,10 +669,13 @@ async def test_a_missing_tag_is_explained(served: Served, tmp_path: Path) -> Non
         "ok": False,
         "error": "manifest request failed with 404 Not Found: MANIFEST_UNKNOWN: "
         "manifest unknown to registry",
+        "url": f"{served.url}/v2/library/model/manifests/v9",
         "status": 404,
         "code": "MANIFEST_UNKNOWN",
     }
     assert not tmp_path.joinpath("manifests").exists()
+    by_digest = await cli("pull", f"{served.url}/library/model@{DIGEST}", tmp_path, "--json")
+    assert by_digest.summary["digest"] == DIGEST
 
 
 async def test_credentials_from_stdin_and_the_environment(tmp_path: Path) -> None:
@@ -558,6 +707,16 @@ async def test_credentials_from_stdin_and_the_environment(tmp_path: Path) -> Non
     ]
 
 
+def test_an_empty_password_on_stdin_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    with pytest.raises(SystemExit) as caught:
+        main(["pull", "model", "dir", "--username", "alice", "--password-stdin"])
+    assert caught.value.code == 2
+    assert "error: the password read from stdin is empty" in capsys.readouterr().err
+
+
 async def test_wrong_credentials_are_explained_without_a_traceback(tmp_path: Path) -> None:
     registry = Registry(token="registry-token")
     store(registry, make_image(10), "private/model", "v1")
@@ -580,6 +739,15 @@ async def test_an_unreachable_registry_is_explained(tmp_path: Path) -> None:
     assert "ConnectError" in done.stderr
     assert "--insecure" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_https_to_a_plain_http_registry_is_explained(served: Served, tmp_path: Path) -> None:
+    done = await cli("pull", f"https://{served.host}/library/model", tmp_path)
+    assert done.returncode == 1
+    assert "The TLS handshake with the registry failed" in done.stderr
+    assert (
+        "Try: is this a plain-HTTP registry? Use an http:// reference or --insecure." in done.stderr
+    )
 
 
 @pytest.mark.parametrize("layout", ["ollama", "oci"])
@@ -662,14 +830,16 @@ async def child_processes() -> AsyncIterator[list[trio.Process]]:
     for process in processes:
         process.kill()
         await process.wait()
-        assert process.stdout is not None
-        await process.stdout.aclose()
+        for stream in (process.stdout, process.stderr):
+            assert stream is not None
+            await stream.aclose()
 
 
 async def serve(storage: Path, processes: list[trio.Process]) -> tuple[trio.Process, str]:
     process = await trio.lowlevel.open_process(
         [*CLI, "serve", "--port", "0", "--storage", str(storage), "--json"],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     processes.append(process)
     assert process.stdout is not None
@@ -678,7 +848,7 @@ async def serve(storage: Path, processes: list[trio.Process]) -> tuple[trio.Proc
         while not line.endswith(b"\n"):
             line += await process.stdout.receive_some()
     record = json.loads(line)
-    assert record["command"] == "serve"
+    assert (record["command"], record["ok"]) == ("serve", True)
     return process, record["url"]
 
 
@@ -706,13 +876,26 @@ async def test_serve_keeps_its_content_in_storage(
     process.send_signal(signal.SIGTERM)
     with trio.fail_after(5):
         await process.wait()
-    assert process.returncode == 143
+    assert process.returncode == 0  # the normal end of serve
+    assert process.stderr is not None
+    assert await process.stderr.receive_some() == b""  # not "interrupted"
 
     _, url = await serve(storage, child_processes)
     dest = tmp_path / "dest"
     done = await cli("pull", f"{url}/kept/model:v1", dest, "--layout", "oci")
     assert done.returncode == 0, done.stderr
     assert_pulled(dest, "oci", image, "v1")
+
+
+async def test_serve_checks_its_storage_before_it_listens(tmp_path: Path) -> None:
+    storage = tmp_path / "file"
+    storage.write_text("not a directory")
+    with trio.fail_after(10):
+        done = await cli("serve", "--port", "0", "--storage", storage, "--json")
+    assert done.returncode == 1
+    assert f"cannot keep the registry's content in {storage}" in done.stderr
+    assert done.stdout.count("\n") == 1
+    assert done.summary["ok"] is False
 
 
 async def test_demo_with_an_embedded_registry() -> None:
@@ -803,6 +986,7 @@ def test_docker_manifests_convert_to_oci() -> None:
     assert (docker.media_type, oci.media_type) == (DOCKER_MANIFEST, OCI_MANIFEST)
     assert oci.blobs == docker.blobs
     converted = json.loads(oci.data)
+    assert oci.data == json.dumps(converted, separators=(",", ":")).encode()
     assert converted["mediaType"] == OCI_MANIFEST
     assert converted["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
     assert [layer["mediaType"] for layer in converted["layers"]] == [

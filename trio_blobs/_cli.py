@@ -5,7 +5,7 @@ Built on the library's public pieces (:func:`download`, :func:`upload`, :func:`f
 stdout (one JSON line with ``--json``); progress goes to stderr, as a bar redrawn in place when
 ``rich`` is installed and stderr is a terminal, else as a plain line every few seconds. A failure
 is explained in a few lines (no traceback unless ``-v``) and exits 1; SIGINT and SIGTERM cancel
-the command cleanly and exit 130 and 143.
+the command cleanly and exit 130 and 143, except ``serve``, for which they are the normal end.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import math
 import os
 import random
 import re
-import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,13 +31,13 @@ import traceback
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 import trio
 
 from ._auth_provider import RegistryAuth
-from ._digest import Blob, digest_to_path, path_to_digest
+from ._digest import Blob, compute_digest, digest_to_path, path_to_digest
 from ._download import download
 from ._exceptions import (
     AuthenticationError,
@@ -94,8 +93,7 @@ _SIZE_UNITS |= {"gib": 2**30}
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``trio-blobs`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     try:
-        args = _parser().parse_args(argv)
-        _check_args(args)
+        args = _parse(sys.argv[1:] if argv is None else argv)
         args.style = _style(args)
         _configure_logging(args)
         try:
@@ -115,14 +113,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- arguments ---------------------------------------------------------------------------------
 
 
+class _UsageError(SystemExit):
+    """A usage error: exit status 2, with the message and the command it is about."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(2)
+        self.command = prog.partition(" ")[2] or None
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, raising :class:`_UsageError` for a usage error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise _UsageError(self.prog, message)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The arguments; a usage error exits 2 after saying why, in a JSON line too with
+    ``--json``."""
+    try:
+        args = _parser().parse_args(argv)
+        _check_args(args)
+    except _UsageError as exc:
+        if "--json" in argv:
+            error = {"command": exc.command, "ok": False, "error": exc.message}
+            print(json.dumps(error), flush=True)
+        raise
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     common.add_argument("--json", action="store_true", help="print one JSON summary line")
     common.add_argument(
         "-v", "--verbose", action="count", default=0, help="log what happens; tracebacks on errors"
     )
-    remote = argparse.ArgumentParser(add_help=False)
+    remote = _Parser(add_help=False)
     remote.add_argument(
         "--concurrency",
         type=_positive_int,
@@ -137,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the password from stdin (default: $TRIO_BLOBS_PASSWORD)",
     )
-    insecure = argparse.ArgumentParser(add_help=False)
+    insecure = _Parser(add_help=False)
     insecure.add_argument(
         "--insecure", action="store_true", help="plain HTTP (as does an http:// reference)"
     )
@@ -146,14 +176,14 @@ def _parser() -> argparse.ArgumentParser:
         "registry.ollama.ai/library/NAME:latest"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trio-blobs",
         description="Move images and models between this machine and OCI / Docker registries.",
         epilog="Run 'trio-blobs COMMAND --help' for each command's options and examples.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, example: str, *parents: argparse.ArgumentParser) -> Any:
+    def command(name: str, summary: str, example: str, *parents: _Parser) -> Any:
         sub = commands.add_parser(
             name,
             parents=[*parents, common],
@@ -180,9 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--layout",
         choices=("ollama", "oci"),
-        default="ollama",
-        help="ollama: blobs/sha256-<hex> and manifests/<registry>/<repository>/<tag> (default); "
-        "oci: an OCI image layout (oci-layout, index.json, blobs/sha256/<hex>)",
+        help="ollama: blobs/sha256-<hex> and manifests/<registry>/<repository>/<tag>; "
+        "oci: an OCI image layout (oci-layout, index.json, blobs/sha256/<hex>) "
+        "(default: DIR's layout if it holds images, else ollama)",
     )
     pull.add_argument(
         "--platform",
@@ -307,6 +337,8 @@ def _check_args(args: argparse.Namespace) -> None:
             if username is None:
                 parser.error("--password-stdin needs --username (or TRIO_BLOBS_USERNAME)")
             password = sys.stdin.read().rstrip("\r\n")
+            if not password:
+                parser.error("the password read from stdin is empty")
         else:
             password = os.environ.get("TRIO_BLOBS_PASSWORD") if username else None
         if username is not None and not password:
@@ -357,12 +389,15 @@ class _Failure(Exception):
 
 
 async def _run(args: argparse.Namespace) -> int:
-    """Run the command; the first SIGINT or SIGTERM cancels it (exit 130 or 143)."""
+    """Run the command; the first SIGINT or SIGTERM cancels it (exit 130 or 143), or ends
+    ``serve``, which runs until then, normally (exit 0 unless it failed meanwhile)."""
     codes: list[int] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(_cancel_on_signal, nursery.cancel_scope, codes)
         codes.append(await _command(args))
         nursery.cancel_scope.cancel()
+    if args.command == "serve":
+        return codes[-1] if codes[-1] < 128 else 0
     if codes[0] > 128:
         if not args.quiet:
             print("trio-blobs: interrupted", file=sys.stderr)
@@ -403,18 +438,13 @@ def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -
         headline = f"could not push {args.dir} to {args.reference}"
     else:
         headline = f"{args.command} failed"
-    lines = [f"trio-blobs: {headline}"]
-    if isinstance(exc, TransferError | _Failure):
-        lines.append(exc.message)
-    else:
-        lines.append(str(exc))
-    if isinstance(exc, TransferError):
-        lines += [f"digest: {exc.digest}"] if exc.digest else []
-        lines += [f"url: {exc.url}"] if exc.url else []
+    message = exc.message if isinstance(exc, TransferError | _Failure) else str(exc)
+    where = {"digest": exc.digest, "url": exc.url} if isinstance(exc, TransferError) else {}
+    known = {key: value for key, value in where.items() if value}
     meaning, hint = _advice(exc)
-    lines += [meaning, f"Try: {hint}"]
-    print("\n  ".join(lines), file=sys.stderr)
-    record: dict[str, object] = {"ok": False, "error": lines[1]}
+    lines = [f"trio-blobs: {headline}", message, *(f"{k}: {v}" for k, v in known.items())]
+    print("\n  ".join([*lines, meaning, f"Try: {hint}"]), file=sys.stderr)
+    record: dict[str, object] = {"ok": False, "error": message, **known}
     cause = exc.last_error if isinstance(exc, RetriesExhaustedError) else exc
     if isinstance(cause, RegistryError):
         record |= {"status": cause.status, "code": cause.code}
@@ -498,6 +528,12 @@ def _advice(exc: BaseException) -> tuple[str, str]:
         exc = exc.last_error
     if isinstance(exc, _Failure):
         return exc.meaning, exc.hint
+    tls = next((e for e in _chain(exc) if isinstance(e, ssl.SSLError)), None)
+    if isinstance(exc, ConnectionFailedError) and tls is not None:
+        return (
+            f"The TLS handshake with the registry failed ({tls.reason or tls}).",
+            "is this a plain-HTTP registry? Use an http:// reference or --insecure.",
+        )
     if isinstance(exc, PlatformNotFoundError):
         choices = " or ".join(f"--platform {p}" for p in exc.available[:3])
         return "The image is not published for that platform.", f"{choices or 'another image'}."
@@ -512,6 +548,18 @@ def _advice(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return "Another program uses that port.", "pick another --port, or --port 0 for a free one."
     return "A local file or resource could not be used.", "check the path and its permissions."
+
+
+def _warn(text: str) -> None:
+    print(f"trio-blobs: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or while handling, innermost last (httpcore
+    re-raises ``from None``, so a suppressed context counts too)."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -630,6 +678,11 @@ class _Progress:
         self._last_time, self._last_done = now, completed
 
 
+def _plural(count: int, noun: str) -> str:
+    """``1 blob``, ``2 blobs``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _size(nbytes: float) -> str:
     """``1234567`` -> ``1.2 MB``."""
     value, units = float(nbytes), ["B", "kB", "MB", "GB", "TB"]
@@ -690,8 +743,9 @@ class _Layout(abc.ABC):
         """A directory where :func:`upload` finds ``blobs`` as ``sha256-<hex>`` files."""
 
     @abc.abstractmethod
-    def store(self, ref: Reference, manifest: Manifest) -> None:
-        """Record ``manifest`` under ``ref`` (its blobs are here already)."""
+    def store(self, ref: Reference, manifest: Manifest) -> Manifest:
+        """Record ``manifest`` under ``ref`` (its blobs are here already); return it as
+        stored."""
 
     @abc.abstractmethod
     def images(self) -> list[str]:
@@ -729,9 +783,10 @@ class _OllamaLayout(_Layout):
     def sending(self, blobs: Sequence[Blob]) -> Iterator[Path]:
         yield self.root / "blobs"
 
-    def store(self, ref: Reference, manifest: Manifest) -> None:
+    def store(self, ref: Reference, manifest: Manifest) -> Manifest:
         name = ref.tag or digest_to_path(manifest.digest)
         _write_atomic(self.root / "manifests" / ref.registry / ref.repository / name, manifest.data)
+        return manifest
 
     def images(self) -> list[str]:
         base = self.root / "manifests"
@@ -750,8 +805,8 @@ class _OciLayout(_Layout):
     """An OCI image layout: ``oci-layout``, ``index.json`` and ``blobs/<algorithm>/<hex>``.
 
     Downloads land in a staging directory (:data:`INCOMING`) as ``sha256-<hex>`` files and
-    are renamed into ``blobs/`` when the download ends, however it ends; uploads read hard
-    links (or symlinks) named ``sha256-<hex>`` in a temporary directory. Docker schema 2
+    are renamed into ``blobs/`` when the download ends, however it ends; uploads read symlinks
+    named ``sha256-<hex>`` in a directory of the system's temporary directory. Docker schema 2
     manifests are stored converted to OCI ones.
     """
 
@@ -778,23 +833,20 @@ class _OciLayout(_Layout):
 
     @contextlib.contextmanager
     def sending(self, blobs: Sequence[Blob]) -> Iterator[Path]:
-        staging = Path(tempfile.mkdtemp(prefix=".trio-blobs-outgoing-", dir=self.root))
-        try:
+        # In the system's temporary directory: a push never writes to DIR (it may be read-only).
+        with tempfile.TemporaryDirectory(prefix="trio-blobs-outgoing-") as staging:
             for blob in blobs:
-                source, link = self.blob_path(blob.digest), staging / blob.file_name
-                try:
-                    os.link(source, link)
-                except OSError:
-                    os.symlink(source.resolve(), link)
-            yield staging
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                os.symlink(self.blob_path(blob.digest).resolve(), Path(staging, blob.file_name))
+            yield Path(staging)
 
-    def store(self, ref: Reference, manifest: Manifest) -> None:
+    def store(self, ref: Reference, manifest: Manifest) -> Manifest:
+        """As :meth:`_Layout.store`; a tag names one image (another with the tag is replaced,
+        with a warning, as skopeo does) and a digest is listed once."""
         manifest = manifest.as_oci()  # other tools only read OCI manifests from a layout
         _write_atomic(self.blob_path(manifest.digest), manifest.data)
         if not (self.root / "oci-layout").exists():
             _write_atomic(self.root / "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        entries = self._entries()
         entry: dict[str, object] = {
             "mediaType": manifest.media_type,
             "digest": manifest.digest,
@@ -802,9 +854,19 @@ class _OciLayout(_Layout):
         }
         if ref.tag:
             entry["annotations"] = {REF_NAME: ref.tag}
-        kept = [e for e in self._entries() if self._name(e) != self._name(entry)]
+            for old in entries:
+                if self._name(old) == ref.tag and old["digest"] != manifest.digest:
+                    _warn(
+                        f"{ref} replaces the image tagged {ref.tag} ({old['digest']}) "
+                        f"in {self.root / 'index.json'}"
+                    )
+        elif any(e["digest"] == manifest.digest for e in entries):
+            return manifest  # listed already
+        # Entries named like the new one: by its tag, or untagged with its digest.
+        kept = [e for e in entries if self._name(e) not in (ref.tag, manifest.digest)]
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*kept, entry]}
         _write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode())
+        return manifest
 
     def images(self) -> list[str]:
         return [self._name(entry) for entry in self._entries()]
@@ -812,10 +874,7 @@ class _OciLayout(_Layout):
     def load(self, name: str) -> Manifest:
         entry = next(e for e in self._entries() if self._name(e) == name)
         data = self.blob_path(entry["digest"]).read_bytes()
-        if (
-            Blob.from_bytes(data, algorithm=entry["digest"].partition(":")[0]).digest
-            != (entry["digest"])
-        ):
+        if compute_digest(data, entry["digest"].partition(":")[0]) != entry["digest"]:
             raise _Failure(
                 f"{name}'s manifest in {self.root} does not match its digest",
                 "The image in DIR is damaged.",
@@ -848,12 +907,34 @@ class _OciLayout(_Layout):
 _LAYOUTS: dict[str, type[_Layout]] = {"ollama": _OllamaLayout, "oci": _OciLayout}
 
 
-def _open_layout(root: Path) -> _Layout:
-    """The layout of an existing image store."""
+def _find_layout(root: Path) -> _Layout | None:
+    """The layout of the image store in ``root``, if there is one."""
     if (root / "oci-layout").is_file():
         return _OciLayout(root)
     if (root / "manifests").is_dir():
         return _OllamaLayout(root)
+    return None
+
+
+def _pull_layout(root: Path, kind: str | None) -> _Layout:
+    """Where a pull into ``root`` goes: the store there, which ``kind`` (``--layout``) must
+    not contradict, else a new store of ``kind`` (ollama by default)."""
+    found = _find_layout(root)
+    if found is None:
+        return _LAYOUTS[kind or "ollama"](root)
+    if kind not in (None, found.kind):
+        raise _Failure(
+            f"{root} holds an {found.kind} image store, not an {kind} one",
+            "A directory keeps images in one layout.",
+            f"leave out --layout to pull into the {found.kind} store, or pick another DIR.",
+        )
+    return found
+
+
+def _open_layout(root: Path) -> _Layout:
+    """The layout of an existing image store that holds an image."""
+    if (found := _find_layout(root)) and found.images():
+        return found
     raise _Failure(
         f"no image in {root}",
         "DIR must be an ollama model store (blobs/, manifests/) or an OCI image layout "
@@ -863,22 +944,29 @@ def _open_layout(root: Path) -> _Layout:
 
 
 def _choose_image(layout: _Layout, ref: Reference, wanted: str | None) -> str:
+    """The image of ``layout`` to push as ``ref``: the one named ``wanted`` (``--image``), else
+    the only one, else the one with ``ref``'s digest, or named like ``ref``: by repository and
+    tag, else by the repository's last component and tag (an ollama store's names say
+    ``registry.ollama.ai/library/NAME:TAG`` whatever the registry pushed to)."""
     names = layout.images()
     if wanted:
         found = [n for n in names if n == wanted or n.endswith(f"/{wanted}")]
     elif len(names) == 1:
         found = names
+    elif ref.tag is None:  # the same manifest under several names is still one image
+        found = [n for n in names if layout.load(n).digest == ref.digest][:1]
     else:
-        found = [n for n in names if n.endswith(f"/{ref.repository}:{ref.tag}") or n == ref.tag]
+        last = ref.repository.rpartition("/")[2]
+        found = [n for n in names if n == ref.tag or n.endswith(f"/{ref.repository}:{ref.tag}")]
+        found = found or [n for n in names if n.endswith(f"/{last}:{ref.tag}")]
     if len(found) == 1:
         return found[0]
-    listed = ", ".join(names) or "none"
+    match = f"{len(found)} of them match" if found else "none matches"
     raise _Failure(
-        f"{layout.root} holds {len(names)} images and "
-        + ("none" if not found else "several")
-        + f" of them match: {listed}",
+        f"{layout.root} holds {_plural(len(names), 'image')}; {match} "
+        f"{f'--image {wanted}' if wanted else ref}: {', '.join(names)}",
         "It is not clear which image to push.",
-        "name it with --image NAME.",
+        "give --image one of the names listed." if wanted else "name it with --image NAME.",
     )
 
 
@@ -890,6 +978,7 @@ class _Stats:
     """What one pull or push did."""
 
     digest: str  # the manifest's
+    stored_digest: str | None  # a pull's manifest as stored: an OCI layout converts Docker ones
     blobs: int
     bytes: int
     transferred: int  # blobs sent or received
@@ -961,9 +1050,10 @@ async def _pull_image(
             client=remote.client,
             get_token=remote.auth,
         )
-    layout.store(ref, manifest)
+    stored = layout.store(ref, manifest)
     return _Stats(
         digest=manifest.digest,
+        stored_digest=stored.digest,
         blobs=len(manifest.blobs),
         bytes=sum(blob.size for blob in manifest.blobs),
         transferred=len(todo),
@@ -1023,6 +1113,7 @@ async def _push_image(
     uploaded = set(result.uploaded)
     return _Stats(
         digest=manifest.digest,
+        stored_digest=None,
         blobs=len(blobs),
         bytes=size,
         transferred=len(uploaded),
@@ -1035,7 +1126,7 @@ async def _push_image(
 
 async def _pull(args: argparse.Namespace) -> int:
     ref: Reference = args.reference
-    layout = _LAYOUTS[args.layout](args.dir)
+    layout = _pull_layout(args.dir, args.layout)
     async with _connect(args, ref.base_url) as remote:
         stats = await _pull_image(remote, ref, layout, args.platform)
     if stats.transferred:
@@ -1046,6 +1137,8 @@ async def _pull(args: argparse.Namespace) -> int:
         )
     else:
         _say(args, f"{ref} is up to date in {args.dir}: {stats.blobs} blobs, nothing transferred")
+    if stats.stored_digest != stats.digest:
+        _say(args, f"its manifest is stored converted to OCI, as {stats.stored_digest}")
     record = {"reference": str(ref), "dir": str(args.dir), "layout": layout.kind}
     _emit_json(args, {"ok": True, **record, **dataclasses.asdict(stats)})
     return 0
@@ -1059,11 +1152,15 @@ async def _push(args: argparse.Namespace) -> int:
     async with _connect(args, ref.base_url) as remote:
         stats = await _push_image(remote, ref, layout, manifest, args.mount_from)
     present = stats.blobs - stats.transferred - stats.mounted
+    uploaded = (
+        f"{_plural(stats.transferred, 'blob')} uploaded ({_size(stats.transferred_bytes)} in "
+        f"{stats.seconds:.1f} s, {stats.rate()})"
+        if stats.transferred
+        else "nothing uploaded"
+    )
     _say(
         args,
-        f"pushed {name} to {ref}: {stats.transferred} blobs uploaded "
-        f"({_size(stats.transferred_bytes)} in {stats.seconds:.1f} s, {stats.rate()}), "
-        f"{stats.mounted} mounted, {present} already there",
+        f"pushed {name} to {ref}: {uploaded}, {stats.mounted} mounted, {present} already there",
     )
     record = {"reference": str(ref), "dir": str(args.dir), "layout": layout.kind, "image": name}
     _emit_json(args, {"ok": True, **record, **dataclasses.asdict(stats)})
@@ -1081,7 +1178,7 @@ async def _serve(args: argparse.Namespace) -> int:
     async with registry.serving(port=args.port) as url:
         where = f"storage {storage}" if storage else "memory only"
         _say(args, f"serving the in-process registry at {url} ({where}); Ctrl-C stops it")
-        _emit_json(args, {"url": url, "storage": str(storage) if storage else None})
+        _emit_json(args, {"ok": True, "url": url, "storage": str(storage) if storage else None})
         await _housekeep(registry, storage)
     return 0
 
@@ -1133,7 +1230,7 @@ def _save_storage(
             keep(digest, data)
         refs = {}
         for ref, (data, media_type) in manifests.get(repository, {}).items():
-            digest = Blob.from_bytes(data).digest
+            digest = compute_digest(data)
             keep(digest, data)
             refs[ref] = [digest, media_type]
         state[repository] = {"blobs": sorted(blobs.get(repository, {})), "manifests": refs}
@@ -1141,7 +1238,18 @@ def _save_storage(
 
 
 def _load_storage(registry: Registry, root: Path) -> None:
-    """Fill ``registry`` from what :func:`_save_storage` wrote to ``root``, if anything."""
+    """Check that ``root`` can keep the registry's content, then fill ``registry`` from what
+    :func:`_save_storage` wrote there, if anything."""
+    try:
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        for directory in (root, root / "blobs"):
+            tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        raise _Failure(
+            f"cannot keep the registry's content in {root}: {exc}",
+            "--storage must name a directory that trio-blobs can write to.",
+            "pick another directory, or fix its permissions.",
+        ) from exc
     path = root / STORAGE_INDEX
     if not path.exists():
         return
@@ -1277,17 +1385,12 @@ async def _verify(layout: _Layout, manifest: Manifest) -> list[str]:
     problems = []
     for blob in manifest.blobs:
         path = layout.blob_path(blob.digest)
-        actual = await trio.to_thread.run_sync(_file_digest, path)
+        actual = compute_digest(await trio.to_thread.run_sync(path.read_bytes))
         if actual != blob.digest:
             problems.append(f"{path.name} hashes to {actual}")
     if [layout.load(name).data for name in layout.images()] != [manifest.data]:
         problems.append("the stored manifest is not the one pushed")
     return problems
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as file:
-        return "sha256:" + hashlib.file_digest(file, "sha256").hexdigest()
 
 
 @contextlib.asynccontextmanager

@@ -149,7 +149,9 @@ class Reference:
     @property
     def manifest_ref(self) -> str:
         """What ``manifests/<ref>`` is asked for: the digest if there is one, else the tag."""
-        return self.digest or self.tag or DEFAULT_TAG
+        ref = self.digest or self.tag
+        assert ref is not None  # construction makes sure
+        return ref
 
     def __str__(self) -> str:
         tag = f":{self.tag}" if self.tag else ""
@@ -291,7 +293,9 @@ class Manifest:
         for descriptor in [document["config"], *(document.get("layers") or ())]:
             kind = descriptor.get("mediaType")
             descriptor["mediaType"] = _OCI_EQUIVALENTS.get(kind, kind)
-        return Manifest.parse(json.dumps(document, indent=3).encode())
+        # Compact, as Go's encoding/json writes it when containers/image (skopeo, podman)
+        # converts a manifest: a new document's digest is of whatever bytes are written.
+        return Manifest.parse(json.dumps(document, separators=(",", ":")).encode())
 
     def select(self, platform: Platform) -> Descriptor:
         """The entry of this index that fits ``platform`` best (the first of equals).

@@ -1005,3 +1005,22 @@ async def test_too_little_free_space_is_a_clear_error_before_any_request(
         await download([present, huge], base_url=BASE_URL, dest_dir=tmp_path, client=client)
     assert registry.requests == []
     assert stored(tmp_path) == {present.file_name}  # nothing already stored is touched
+
+
+async def test_a_connection_error_says_why(tmp_path: Path) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        try:
+            raise OSError("the reason underneath")
+        except OSError as exc:
+            raise httpx.ConnectError("") from exc
+
+    blob = Blob.from_bytes(b"x")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(RetriesExhaustedError, match="ConnectError: the reason underneath"):
+            await download(
+                [blob],
+                base_url=BASE_URL,
+                dest_dir=tmp_path,
+                client=client,
+                retry=trio_blobs.RetryPolicy(max_attempts=1),
+            )

@@ -154,9 +154,7 @@ class RegistrySession:
         except httpx.TransportError as exc:
             failed_url = str(exc.request.url) if _has_request(exc) else str(url)
             raise ConnectionFailedError(
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                digest=digest,
-                url=failed_url,
+                f"{type(exc).__name__}: {_reason(exc)}", digest=digest, url=failed_url
             ) from exc
         finally:
             if response is not None:
@@ -250,6 +248,18 @@ class RegistrySession:
             request.headers["authorization"] = self.credentials.header
         elif not send_auth:
             request.headers.pop("authorization", None)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message along ``exc``'s causes (httpx's own is sometimes empty)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            return str(current)
+        current = current.__cause__ or current.__context__
+    return "no details"
 
 
 def _has_request(exc: httpx.TransportError) -> bool:

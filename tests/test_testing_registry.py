@@ -517,3 +517,37 @@ async def test_serving_lets_the_blocks_error_out_beside_a_cancellation() -> None
 
     with trio.CancelScope() as outer, pytest.raises(OSError, match="disk gone"):
         await fail_while_cancelled(outer)
+
+
+@pytest.mark.parametrize(
+    ("range_header", "status", "content_range", "body"),
+    [
+        ("bytes=4-", 206, "bytes 4-9/10", b"456789"),
+        ("bytes=2-4", 206, "bytes 2-4/10", b"234"),
+        ("bytes=0-", 206, "bytes 0-9/10", b"0123456789"),
+        ("bytes=10-", 416, "bytes */10", b""),
+        ("items=1-", 200, None, b"0123456789"),
+    ],
+)
+async def test_blob_ranges(
+    connect: Connect, range_header: str, status: int, content_range: str | None, body: bytes
+) -> None:
+    registry = Registry()
+    blob = registry.add_blob(b"0123456789")
+    async with connect(registry) as client:
+        response = await client.get(
+            f"/v2/library/_/blobs/{blob.digest}", headers={"range": range_header}
+        )
+    assert response.status_code == status
+    assert response.headers.get("content-range") == content_range
+    assert response.content == body
+
+
+async def test_blob_ranges_can_be_ignored() -> None:
+    registry = Registry(ranges=False)
+    blob = registry.add_blob(b"0123456789")
+    async with memory_client(registry) as client:
+        response = await client.get(
+            f"/v2/library/_/blobs/{blob.digest}", headers={"range": "bytes=4-"}
+        )
+    assert (response.status_code, response.content) == (200, b"0123456789")

@@ -206,7 +206,9 @@ class Registry:
     expires the old one), ``token_requests``, ``chunk_min_length``, ``mount`` and
     ``redirect_blobs_to`` (an origin that blob GETs are redirected to with a 307 to
     ``/_storage/<digest>?expires=...&sig=...``). ``/_storage/<digest>`` serves a blob of any
-    repository, needs no token and ignores the query; it is recorded like every request.
+    repository, needs no token and ignores the query; it is recorded like every request. Blob
+    GETs honour ``Range: bytes=<start>-`` with a 206 (``ranges=False`` ignores it, answering 200
+    with the whole blob, as some servers do).
 
     Upload sessions live at ``/v2/<name>/blobs/uploads/<uuid>?_state=<opaque>``; each PATCH issues
     a new ``_state``. PATCH and PUT need the current one (a stale Location is refused with 400
@@ -221,6 +223,7 @@ class Registry:
         chunk_min_length: int | None = None,
         mount: bool = True,
         redirect_blobs_to: str | None = None,
+        ranges: bool = True,
     ) -> None:
         self.blobs: dict[str, dict[str, bytes]] = {}
         self.manifests: dict[str, dict[str, tuple[bytes, str]]] = {}
@@ -231,6 +234,7 @@ class Registry:
         self.chunk_min_length = chunk_min_length
         self.mount = mount
         self.redirect_blobs_to = redirect_blobs_to
+        self.ranges = ranges
         self._uploads: dict[str, _Upload] = {}
 
     def add_blob(self, data: bytes, repository: str = "library/_") -> Blob:
@@ -388,14 +392,27 @@ class Registry:
                 f"?expires=4102444800&sig={secrets.token_hex(8)}"
             )
             return _Reply(307, {"Location": location})
-        return _blob_reply(digest, data)
+        return self._blob_reply(call, digest, data)
 
     async def _get_stored(self, call: _Call) -> _Reply:
         digest = _valid_digest(call.params["digest"])
         data = next((repo[digest] for repo in self.blobs.values() if digest in repo), None)
         if data is None:
             raise _Refused(_error(404, "BLOB_UNKNOWN", {"digest": digest}))
-        return _blob_reply(digest, data)
+        return self._blob_reply(call, digest, data)
+
+    def _blob_reply(self, call: _Call, digest: str, data: bytes) -> _Reply:
+        """The blob, or the part of it a ``Range: bytes=<start>-[<end>]`` asks for."""
+        headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", call.headers.get("range", "").strip())
+        if not self.ranges or wanted is None or call.method != "GET":
+            return _Reply(200, headers, data)
+        start = int(wanted[1])
+        end = min(int(wanted[2]), len(data) - 1) if wanted[2] else len(data) - 1
+        if start >= len(data) or start > end:
+            return _Reply(416, {"Content-Range": f"bytes */{len(data)}"})
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return _Reply(206, headers, data[start : end + 1])
 
     async def _start_upload(self, call: _Call) -> _Reply:
         name = call.params["name"]
@@ -552,11 +569,6 @@ def _find_route(path: str) -> tuple[re.Match[str] | None, dict[str, _Route]]:
         if match := pattern.fullmatch(path):
             return match, handlers
     return None, {}
-
-
-def _blob_reply(digest: str, data: bytes) -> _Reply:
-    headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
-    return _Reply(200, headers, data)
 
 
 def _created(name: str, digest: str) -> _Reply:

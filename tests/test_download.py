@@ -1024,3 +1024,13 @@ async def test_a_connection_error_says_why(tmp_path: Path) -> None:
                 client=client,
                 retry=trio_blobs.RetryPolicy(max_attempts=1),
             )
+
+
+async def test_an_empty_blob_needs_no_request(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [empty] = add_blobs(registry, 0)
+    result = await download([empty], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert result.downloaded == (empty.digest,)
+    assert (tmp_path / empty.file_name).read_bytes() == b""
+    assert registry.requests == []

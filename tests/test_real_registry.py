@@ -497,11 +497,12 @@ async def test_downloads_follow_the_storage_redirect_without_credentials(
     answers = [s.status for s in seen if s.url.port == registry_port]
     # (a retry after a dropped keep-alive connection may add one more of each)
     assert set(answers) == {401, 307}
-    assert answers.count(307) >= len(image.blobs)
+    fetched = [b for b in image.blobs if b.size]  # an empty blob needs no request
+    assert answers.count(307) >= len(fetched)
     # ... and every blob came from the file server, from the path of its data in storage.
     assert {s.status for s in seen if s.url.port != registry_port} == {200}
     gets = [r for r in file_server.requests if r.method == "GET"]
-    assert {r.path for r in gets} == {redirect_registry.blob_path(b.digest) for b in image.blobs}
+    assert {r.path for r in gets} == {redirect_registry.blob_path(b.digest) for b in fetched}
 
     # Existence checks are redirected too; the file server answers them.
     again = await upload(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -10,8 +11,10 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
+import trio
 
 from ._digest import Blob, hashed_digest, new_hasher
 from ._exceptions import IntegrityError, LocalFileError
@@ -25,6 +28,7 @@ from ._transfer import (
     ProgressCallback,
     Transfer,
     check_blobs,
+    check_int,
     check_options,
     local_file_errors,
     open_session,
@@ -33,6 +37,8 @@ from ._transfer import (
 __all__ = ["DownloadResult", "download"]
 
 _BLOB_HEADERS = {"accept-encoding": "identity"}
+RESUME_THRESHOLD = 64 * 1024 * 1024  # blobs this big keep their partial file for a resume
+READ_SIZE = 1024 * 1024  # bytes read at a time when re-hashing a partial file
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +65,16 @@ async def download(
     stall_timeout: float = 10.0,
     logger: logging.Logger | None = None,
     retry: RetryPolicy | None = None,
+    resume_threshold: int = RESUME_THRESHOLD,
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
     Each blob is streamed into a temporary file beside its final name ``sha256-<hex>``, hashed as
     it arrives, and renamed only once its size and digest match. A blob whose file already has
     the right size is skipped without a request. At most ``concurrency`` requests are in flight.
+    A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it received when
+    an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
+    process, re-hashes it and asks only for the rest (``Range``).
 
     ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
     always followed here, never by httpx, and ``Authorization`` (from ``token``, or from
@@ -79,6 +89,7 @@ async def download(
     """
     todo = check_blobs(blobs)
     check_options(concurrency=concurrency, stall_timeout=stall_timeout)
+    check_int("resume_threshold", resume_threshold, minimum=0)
     if not todo:
         return DownloadResult((), ())
     dest = Path(dest_dir)
@@ -109,7 +120,10 @@ async def download(
         )
 
         async def fetch(blob: Blob) -> None:
-            await transfer.with_retries(blob, lambda watch: _attempt(transfer, blob, dest, watch))
+            resumable = blob.size >= resume_threshold
+            await transfer.with_retries(
+                blob, lambda watch: _attempt(transfer, blob, dest, watch, resumable)
+            )
 
         await transfer.run_each(todo, fetch)
     return DownloadResult(
@@ -146,22 +160,37 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
     return present
 
 
-async def _attempt(transfer: Transfer, blob: Blob, dest: Path, watch: Watch) -> None:
-    """One GET of ``blob`` streamed into a verified file; a failure rolls its progress back."""
+async def _attempt(
+    transfer: Transfer, blob: Blob, dest: Path, watch: Watch, resumable: bool
+) -> None:
+    """One GET of ``blob`` (of the rest of it, when part is kept from before) streamed into a
+    verified file; a failure rolls its progress back."""
     session = transfer.session
     with transfer.progress.attempt(blob) as counted:
-        async with session.stream(
-            "GET",
-            session.url(f"blobs/{blob.digest}"),
-            expect=(200,),
-            digest=blob.digest,
-            what="blob",
-            headers=_BLOB_HEADERS,
-            watch=watch,
-        ) as response:
-            _check_length(blob, response)
-            check_announced_digest(response, blob.digest)
-            with _PartialFile(dest, blob) as partial:
+        with watch.paused():  # re-hashing kept bytes is not the peer's doing
+            partial = await _PartialFile.open(dest, blob, resumable=resumable)
+        with partial:
+            counted.set(partial.have)
+            if partial.have == blob.size:  # all there already, not yet verified
+                partial.commit()
+                return
+            headers = dict(_BLOB_HEADERS)
+            if partial.have:
+                headers["range"] = f"bytes={partial.have}-"
+            async with session.stream(
+                "GET",
+                session.url(f"blobs/{blob.digest}"),
+                expect=(200, 206) if partial.have else (200,),
+                digest=blob.digest,
+                what="blob",
+                headers=headers,
+                watch=watch,
+            ) as response:
+                if response.status_code == 200 and partial.have:  # the Range was ignored
+                    partial.restart()
+                    counted.set(0)
+                _check_length(blob, partial.have, response)
+                check_announced_digest(response, blob.digest)
                 async for chunk in response.aiter_raw():
                     partial.write(chunk)
                     watch.progress(len(chunk))
@@ -169,63 +198,120 @@ async def _attempt(transfer: Transfer, blob: Blob, dest: Path, watch: Watch) -> 
                 partial.commit()
 
 
-def _check_length(blob: Blob, response: httpx.Response) -> None:
-    """Reject a response whose Content-Length already says it is not this blob."""
+def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
+    """Reject a response whose headers already say it is not the blob from ``start`` on."""
+    url = str(response.request.url)
+    if response.status_code == 206:
+        expected = f"bytes {start}-{blob.size - 1}/"
+        content_range = response.headers.get("content-range", "").strip()
+        if not content_range.startswith(expected):
+            raise IntegrityError(
+                f"asked for bytes {start}- and got {content_range or 'no Content-Range'}",
+                digest=blob.digest,
+                url=url,
+            )
     length = response.headers.get("content-length")
-    if length is not None and length.strip() != str(blob.size):
+    if length is not None and length.strip() != str(blob.size - start):
         raise IntegrityError(
-            f"server announced {length.strip()} bytes, the blob has {blob.size}",
+            f"server announced {length.strip()} bytes, the blob has {blob.size - start} more",
             digest=blob.digest,
-            url=str(response.request.url),
+            url=url,
         )
 
 
 class _PartialFile:
-    """A blob being written: a hidden temporary file beside its final name, hashed as it grows.
+    """A blob being written: a hidden file beside its final name, hashed as it grows.
 
-    :meth:`commit` renames it to its final name after checking size and digest; leaving the
-    ``with`` block any other way removes it.
+    :meth:`commit` renames it to its final name after checking size and digest. A resumable
+    blob's file is ``.sha256-<hex>.partial`` (no finished blob has such a name), locked while in
+    use and kept when an attempt fails for another reason than its content. Other blobs, and a
+    blob whose partial file another download holds, get a private temporary file, always
+    removed unless committed.
     """
 
-    def __init__(self, dest: Path, blob: Blob) -> None:
+    def __init__(self, blob: Blob, final: Path, path: Path, file: BinaryIO, keep: bool) -> None:
         self._blob = blob
-        self._final = dest / blob.file_name
+        self._final = final
+        self._path = path
+        self._file = file
+        self._keep = keep
         self._hasher = new_hasher(blob.digest)
-        self._received = 0
+        self._committed = False
+        self.have = 0  # bytes in the file, all hashed
+
+    @classmethod
+    async def open(cls, dest: Path, blob: Blob, *, resumable: bool) -> _PartialFile:
+        """The file to write ``blob`` into, with what a failed attempt kept re-hashed."""
+        final = dest / blob.file_name
         with local_file_errors(blob.digest, dest):
+            if resumable:
+                path = dest / f".{blob.file_name}.partial"
+                file = path.open("a+b")
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another download has it: do without
+                    file.close()
+                else:
+                    partial = cls(blob, final, path, file, keep=True)
+                    try:
+                        await partial._rehash()
+                    except BaseException:
+                        file.close()
+                        raise
+                    return partial
             fd, name = tempfile.mkstemp(dir=dest, prefix=f".{blob.file_name}.", suffix=".partial")
-        self._path = Path(name)
-        self._file = os.fdopen(fd, "wb")
+        return cls(blob, final, Path(name), os.fdopen(fd, "w+b"), keep=False)
+
+    async def _rehash(self) -> None:
+        """Hash what the file holds already (nothing, if it is longer than the blob)."""
+        with local_file_errors(self._blob.digest, self._path):
+            size = os.fstat(self._file.fileno()).st_size
+            if size > self._blob.size:
+                self.restart()
+                return
+            while self.have < size:
+                piece = os.pread(self._file.fileno(), min(READ_SIZE, size - self.have), self.have)
+                self._hasher.update(piece)
+                self.have += len(piece)
+                await trio.lowlevel.checkpoint()
 
     def __enter__(self) -> _PartialFile:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._path.unlink(missing_ok=True)
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self._file.close()
+        if not self._committed and (not self._keep or (kind and issubclass(kind, IntegrityError))):
+            self._path.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        """Drop what the file holds: the data starts again from its first byte."""
+        with local_file_errors(self._blob.digest, self._path):
+            self._file.truncate(0)
+        self._hasher = new_hasher(self._blob.digest)
+        self.have = 0
 
     def write(self, chunk: bytes) -> None:
-        """Hash and write ``chunk``; a body that outgrows the blob is refused unwritten."""
-        if self._received + len(chunk) > self._blob.size:
+        """Hash and append ``chunk``; a body that outgrows the blob is refused unwritten."""
+        if self.have + len(chunk) > self._blob.size:
             raise IntegrityError(
                 f"body is longer than the blob's {self._blob.size} bytes", digest=self._blob.digest
             )
         self._hasher.update(chunk)
         with local_file_errors(self._blob.digest, self._path):
             self._file.write(chunk)
-        self._received += len(chunk)
+        self.have += len(chunk)
 
     def commit(self) -> None:
         """Verify size and digest, then give the file its final name."""
         blob = self._blob
-        if self._received != blob.size:
+        if self.have != blob.size:
             raise IntegrityError(
-                f"body ended after {self._received} of {blob.size} bytes", digest=blob.digest
+                f"body ended after {self.have} of {blob.size} bytes", digest=blob.digest
             )
         actual = hashed_digest(blob.digest, self._hasher)
         if actual != blob.digest:
             raise IntegrityError(f"content has digest {actual}", digest=blob.digest)
         with local_file_errors(blob.digest, self._path):
-            self._file.close()
+            self._file.flush()
             os.replace(self._path, self._final)
+        self._committed = True

@@ -1034,3 +1034,70 @@ async def test_an_empty_blob_needs_no_request(
     assert result.downloaded == (empty.digest,)
     assert (tmp_path / empty.file_name).read_bytes() == b""
     assert registry.requests == []
+
+
+async def test_a_blob_finished_meanwhile_by_another_download_is_not_rewritten(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    registry.add_fault(Fault(delay=2))
+
+    inodes: list[int] = []
+
+    async def other_download_finishes() -> None:
+        await trio.sleep(1)
+        other = tmp_path / blob.file_name
+        other.write_bytes(registry.blobs["library/_"][blob.digest])
+        inodes.append(other.stat().st_ino)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_download_finishes)
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert [(tmp_path / blob.file_name).stat().st_ino] == inodes  # the other copy, untouched
+    assert stored(tmp_path) == {blob.file_name}
+    assert (tmp_path / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
+
+
+async def test_a_wrong_sized_leftover_under_the_final_name_is_replaced(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    registry.add_fault(Fault(delay=2))
+
+    async def leftover_appears() -> None:
+        await trio.sleep(1)
+        (tmp_path / blob.file_name).write_bytes(b"short")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leftover_appears)
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert_exactly(tmp_path, registry, [blob])
+
+
+@pytest.mark.parametrize(("fsync", "calls"), [(False, 0), (True, 4)])
+async def test_fsync_flushes_each_blob_and_its_directory(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fsync: bool,
+    calls: int,
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    blobs = add_blobs(registry, 10, 20)
+    await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, fsync=fsync)
+    assert len(synced) == calls  # a file and its directory, per blob
+    assert_exactly(tmp_path, registry, blobs)

@@ -39,6 +39,9 @@ __all__ = ["DownloadResult", "download"]
 _BLOB_HEADERS = {"accept-encoding": "identity"}
 RESUME_THRESHOLD = 64 * 1024 * 1024  # blobs this big keep their partial file for a resume
 READ_SIZE = 1024 * 1024  # bytes read at a time when re-hashing a partial file
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,7 @@ async def download(
     logger: logging.Logger | None = None,
     retry: RetryPolicy | None = None,
     resume_threshold: int = RESUME_THRESHOLD,
+    fsync: bool = False,
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
@@ -74,7 +78,10 @@ async def download(
     the right size is skipped without a request. At most ``concurrency`` requests are in flight.
     A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it received when
     an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
-    process, re-hashes it and asks only for the rest (``Range``).
+    process, re-hashes it and asks only for the rest (``Range``). A finished blob is never
+    rewritten, even by a concurrent download of the same blob. ``fsync=True`` flushes each blob
+    and its directory to disk before the blob counts as done: safe against power loss, slower
+    for many small blobs.
 
     ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
     always followed here, never by httpx, and ``Authorization`` (from ``token``, or from
@@ -122,7 +129,10 @@ async def download(
         async def fetch(blob: Blob) -> None:
             resumable = blob.size >= resume_threshold
             await transfer.with_retries(
-                blob, lambda watch: _attempt(transfer, blob, dest, watch, resumable)
+                blob,
+                lambda watch: _attempt(
+                    transfer, blob, dest, watch, resumable=resumable, fsync=fsync
+                ),
             )
 
         await transfer.run_each(todo, fetch)
@@ -161,7 +171,7 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
 
 
 async def _attempt(
-    transfer: Transfer, blob: Blob, dest: Path, watch: Watch, resumable: bool
+    transfer: Transfer, blob: Blob, dest: Path, watch: Watch, *, resumable: bool, fsync: bool
 ) -> None:
     """One GET of ``blob`` (of the rest of it, when part is kept from before) streamed into a
     verified file; a failure rolls its progress back."""
@@ -172,7 +182,7 @@ async def _attempt(
         with partial:
             counted.set(partial.have)
             if partial.have == blob.size:  # all there already, not yet verified
-                partial.commit()
+                partial.commit(fsync=fsync)
                 return
             headers = dict(_BLOB_HEADERS)
             if partial.have:
@@ -195,7 +205,7 @@ async def _attempt(
                     partial.write(chunk)
                     watch.progress(len(chunk))
                     counted.add(len(chunk))
-                partial.commit()
+                partial.commit(fsync=fsync)
 
 
 def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
@@ -301,8 +311,9 @@ class _PartialFile:
             self._file.write(chunk)
         self.have += len(chunk)
 
-    def commit(self) -> None:
-        """Verify size and digest, then give the file its final name."""
+    def commit(self, *, fsync: bool) -> None:
+        """Verify size and digest, then give the file its final name (after flushing it and,
+        with ``fsync``, its directory to disk)."""
         blob = self._blob
         if self.have != blob.size:
             raise IntegrityError(
@@ -313,5 +324,38 @@ class _PartialFile:
             raise IntegrityError(f"content has digest {actual}", digest=blob.digest)
         with local_file_errors(blob.digest, self._path):
             self._file.flush()
-            os.replace(self._path, self._final)
+            if fsync:
+                os.fsync(self._file.fileno())
+            _publish(self._path, self._final, blob.size)
+            if fsync:
+                _fsync_directory(self._final.parent)
         self._committed = True
+
+
+def _publish(path: Path, final: Path, size: int) -> None:
+    """Give the verified file ``path`` the name ``final``, never replacing a finished blob.
+
+    A hard link fails if ``final`` exists: another download finished first, and its copy is as
+    good. A leftover of the wrong size is replaced. Where hard links are not supported, an
+    atomic rename does.
+    """
+    try:
+        os.link(path, final)
+    except FileExistsError:
+        if final.stat().st_size != size:
+            os.replace(path, final)
+            return
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        os.replace(path, final)
+        return
+    path.unlink()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

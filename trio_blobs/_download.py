@@ -70,6 +70,7 @@ async def download(
     retry: RetryPolicy | None = None,
     resume_threshold: int = RESUME_THRESHOLD,
     fsync: bool = False,
+    rate_limit: float | None = None,
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
@@ -79,7 +80,8 @@ async def download(
     A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it received when
     an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
     process, re-hashes it and asks only for the rest (``Range``). A finished blob is never
-    rewritten, even by a concurrent download of the same blob. ``fsync=True`` flushes each blob
+    rewritten, even by a concurrent download of the same blob. ``rate_limit`` (bytes per second)
+    caps the whole call's rate, smoothly. ``fsync=True`` flushes each blob
     and its directory to disk before the blob counts as done: safe against power loss, slower
     for many small blobs.
 
@@ -95,7 +97,7 @@ async def download(
     :class:`ValueError` / :class:`TypeError` for bad arguments, before any I/O.
     """
     todo = check_blobs(blobs)
-    check_options(concurrency=concurrency, stall_timeout=stall_timeout)
+    check_options(concurrency=concurrency, stall_timeout=stall_timeout, rate_limit=rate_limit)
     check_int("resume_threshold", resume_threshold, minimum=0)
     if not todo:
         return DownloadResult((), ())
@@ -124,6 +126,7 @@ async def download(
             stall_timeout=stall_timeout,
             retry=retry or RetryPolicy(),
             progress=tracker,
+            rate_limit=rate_limit,
         )
 
         async def fetch(blob: Blob) -> None:
@@ -205,6 +208,8 @@ async def _attempt(
                     partial.write(chunk)
                     watch.progress(len(chunk))
                     counted.add(len(chunk))
+                    if transfer.rate_limit is not None:
+                        await transfer.rate_limit.take(len(chunk), watch)
                 partial.commit(fsync=fsync)
 
 

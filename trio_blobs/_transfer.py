@@ -56,9 +56,15 @@ def check_int(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def check_options(*, concurrency: int, stall_timeout: float) -> None:
+def check_options(
+    *, concurrency: int, stall_timeout: float, rate_limit: float | None = None
+) -> None:
     """Raise :class:`ValueError` for option values no transfer can run with."""
     check_int("concurrency", concurrency)
+    if rate_limit is not None and (
+        isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0
+    ):
+        raise ValueError(f"rate_limit must be bytes per second > 0, got {rate_limit!r}")
     if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
         raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
 
@@ -119,6 +125,31 @@ class Progress:
                 raise
 
 
+class RateLimit:
+    """A token bucket shared by one call's streams: ``rate`` bytes per second on average.
+
+    Each stream takes what it moved; when the bucket is in debt it sleeps until the debt is
+    paid, so the streams together keep to the rate without sleeping whole seconds. Streams
+    should move at most :attr:`piece` bytes at a time.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.piece = int(min(max(rate / 20, 4096), 1024 * 1024))  # about 50 ms worth
+        self._burst = max(self.rate / 10, float(self.piece))
+        self._tokens = self._burst
+        self._last = trio.current_time()
+
+    async def take(self, nbytes: int, watch: Watch) -> None:
+        """Account for ``nbytes`` moved; wait (not judged a stall) while over the rate."""
+        now = trio.current_time()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate) - nbytes
+        self._last = now
+        if self._tokens < 0:
+            with watch.paused():
+                await trio.sleep(-self._tokens / self.rate)
+
+
 class AttemptProgress:
     """The bytes one attempt has reported; see :meth:`Progress.attempt`."""
 
@@ -150,8 +181,10 @@ class Transfer:
         stall_timeout: float,
         retry: RetryPolicy,
         progress: Progress,
+        rate_limit: float | None = None,
     ) -> None:
         self.session = session
+        self.rate_limit = RateLimit(rate_limit) if rate_limit is not None else None
         self.limiter = trio.CapacityLimiter(concurrency)
         self.monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
         self.retry = retry

@@ -26,6 +26,7 @@ from ._transfer import (
     BlobProgressCallback,
     Progress,
     ProgressCallback,
+    RateLimit,
     Transfer,
     check_blobs,
     check_int,
@@ -82,6 +83,7 @@ async def upload(
     chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
     head_concurrency: int = HEAD_CONCURRENCY,
     retry: RetryPolicy | None = None,
+    rate_limit: float | None = None,
 ) -> UploadResult:
     """Upload ``blobs`` from ``src_dir/sha256-<hex>`` to ``repository`` at ``base_url``, then
     push ``manifest`` (if given) once every blob is there.
@@ -100,7 +102,7 @@ async def upload(
     :class:`ValueError` / :class:`TypeError` for bad arguments before any I/O.
     """
     todo = check_blobs(blobs)
-    check_options(concurrency=concurrency, stall_timeout=stall_timeout)
+    check_options(concurrency=concurrency, stall_timeout=stall_timeout, rate_limit=rate_limit)
     check_int("head_concurrency", head_concurrency)
     check_int("chunk_threshold", chunk_threshold, minimum=0)
     if chunk_size is not None:
@@ -126,6 +128,7 @@ async def upload(
             concurrency=concurrency,
             stall_timeout=stall_timeout,
             retry=retry or RetryPolicy(),
+            rate_limit=rate_limit,
             progress=Progress(
                 progress, total=sum(blob.size for blob in todo), blob_callback=blob_progress
             ),
@@ -235,8 +238,17 @@ class _Source:
     offset the registry acknowledged last lets a chunked upload go on from there.
     """
 
-    def __init__(self, blob: Blob, path: Path, watch: Watch, counted: AttemptProgress) -> None:
+    def __init__(
+        self,
+        blob: Blob,
+        path: Path,
+        watch: Watch,
+        counted: AttemptProgress,
+        rate_limit: RateLimit | None,
+    ) -> None:
         self.blob = blob
+        self.rate_limit = rate_limit
+        self.read_size = READ_SIZE if rate_limit is None else min(READ_SIZE, rate_limit.piece)
         self.path = path
         self.watch = watch
         self.counted = counted
@@ -331,7 +343,9 @@ class _FileStream:
                 source.watch.grace = COMMIT_GRACE + source.blob.size / COMMIT_RATE
             source.finished(self._end, self._hasher)
             raise StopAsyncIteration
-        chunk = source.read(self._position, min(READ_SIZE, self._end - self._position))
+        chunk = source.read(self._position, min(source.read_size, self._end - self._position))
+        if source.rate_limit is not None:
+            await source.rate_limit.take(len(chunk), source.watch)
         self._hasher.update(chunk)
         self._position += len(chunk)
         if self._position == source.blob.size:
@@ -392,7 +406,9 @@ class _Pusher:
                 return
             tried = True
             with self._transfer.progress.attempt(blob) as counted:
-                source = _Source(blob, self._src / blob.file_name, watch, counted)
+                source = _Source(
+                    blob, self._src / blob.file_name, watch, counted, self._transfer.rate_limit
+                )
                 push = _Push(self, source)
                 try:
                     mounted = await push.run()

@@ -1,4 +1,5 @@
-"""Limits a person on a slow link can set: the rate across a whole call."""
+"""Limits a person on a slow link can set: the rate across a whole call, and how many blob
+bodies flow at once."""
 
 import itertools
 import os
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 
 from trio_blobs import Blob, download, upload
-from trio_blobs.testing import Registry
+from trio_blobs.testing import Fault, Registry
 
 from ._helpers import BASE_URL, add_blobs
 
@@ -86,3 +87,59 @@ async def test_a_bad_rate_fails_before_any_request(
         )
     assert registry.requests == []
     assert not (tmp_path / "d").exists()
+
+
+class InFlight(httpx.AsyncBaseTransport):
+    """Records, per method, the most requests in flight at once."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        method = request.method
+        self.active[method] = self.active.get(method, 0) + 1
+        self.peak[method] = max(self.peak.get(method, 0), self.active[method])
+        try:
+            response = await self.inner.handle_async_request(request)
+            await response.aread()
+        finally:
+            self.active[method] -= 1
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=httpx.ByteStream(response.content),
+        )
+
+
+async def test_body_streams_are_limited_apart_from_requests(
+    registry: Registry, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    blobs = add_blobs(registry, *[1000] * 8)
+    for blob in blobs:
+        (tmp_path / blob.file_name).write_bytes(registry.blobs["library/_"][blob.digest])
+    registry.add_fault(Fault(method=None, delay=1.0, times=None))  # every request takes 1 s
+    transport = InFlight(registry.transport())
+    async with httpx.AsyncClient(transport=transport) as client:
+        await download(
+            blobs,
+            base_url=BASE_URL,
+            dest_dir=tmp_path / "pulled",
+            client=client,
+            concurrency=8,
+            max_body_streams=2,
+        )
+        await upload(
+            blobs,
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            repository="other/repo",
+            client=client,
+            concurrency=8,
+            max_body_streams=2,
+        )
+    assert transport.peak["GET"] == 2  # blob bodies
+    assert transport.peak["PUT"] == 2
+    assert transport.peak["HEAD"] == 8  # cheap requests run wider
+    assert transport.peak["POST"] == 8

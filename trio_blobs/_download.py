@@ -71,6 +71,7 @@ async def download(
     resume_threshold: int = RESUME_THRESHOLD,
     fsync: bool = False,
     rate_limit: float | None = None,
+    max_body_streams: int | None = None,
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
@@ -81,7 +82,8 @@ async def download(
     an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
     process, re-hashes it and asks only for the rest (``Range``). A finished blob is never
     rewritten, even by a concurrent download of the same blob. ``rate_limit`` (bytes per second)
-    caps the whole call's rate, smoothly. ``fsync=True`` flushes each blob
+    caps the whole call's rate, smoothly, and ``max_body_streams`` how many blob bodies flow at
+    once (``concurrency`` still bounds the requests in flight). ``fsync=True`` flushes each blob
     and its directory to disk before the blob counts as done: safe against power loss, slower
     for many small blobs.
 
@@ -97,7 +99,12 @@ async def download(
     :class:`ValueError` / :class:`TypeError` for bad arguments, before any I/O.
     """
     todo = check_blobs(blobs)
-    check_options(concurrency=concurrency, stall_timeout=stall_timeout, rate_limit=rate_limit)
+    check_options(
+        concurrency=concurrency,
+        stall_timeout=stall_timeout,
+        rate_limit=rate_limit,
+        max_body_streams=max_body_streams,
+    )
     check_int("resume_threshold", resume_threshold, minimum=0)
     if not todo:
         return DownloadResult((), ())
@@ -127,6 +134,7 @@ async def download(
             retry=retry or RetryPolicy(),
             progress=tracker,
             rate_limit=rate_limit,
+            max_body_streams=max_body_streams,
         )
 
         async def fetch(blob: Blob) -> None:
@@ -190,15 +198,18 @@ async def _attempt(
             headers = dict(_BLOB_HEADERS)
             if partial.have:
                 headers["range"] = f"bytes={partial.have}-"
-            async with session.stream(
-                "GET",
-                session.url(f"blobs/{blob.digest}"),
-                expect=(200, 206) if partial.have else (200,),
-                digest=blob.digest,
-                what="blob",
-                headers=headers,
-                watch=watch,
-            ) as response:
+            async with (
+                transfer.body_stream(watch),
+                session.stream(
+                    "GET",
+                    session.url(f"blobs/{blob.digest}"),
+                    expect=(200, 206) if partial.have else (200,),
+                    digest=blob.digest,
+                    what="blob",
+                    headers=headers,
+                    watch=watch,
+                ) as response,
+            ):
                 if response.status_code == 200 and partial.have:  # the Range was ignored
                     partial.restart()
                     counted.set(0)

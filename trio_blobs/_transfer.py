@@ -57,10 +57,16 @@ def check_int(name: str, value: object, minimum: int = 1) -> None:
 
 
 def check_options(
-    *, concurrency: int, stall_timeout: float, rate_limit: float | None = None
+    *,
+    concurrency: int,
+    stall_timeout: float,
+    rate_limit: float | None = None,
+    max_body_streams: int | None = None,
 ) -> None:
     """Raise :class:`ValueError` for option values no transfer can run with."""
     check_int("concurrency", concurrency)
+    if max_body_streams is not None:
+        check_int("max_body_streams", max_body_streams)
     if rate_limit is not None and (
         isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0
     ):
@@ -182,14 +188,30 @@ class Transfer:
         retry: RetryPolicy,
         progress: Progress,
         rate_limit: float | None = None,
+        max_body_streams: int | None = None,
     ) -> None:
         self.session = session
         self.rate_limit = RateLimit(rate_limit) if rate_limit is not None else None
+        self._bodies = trio.CapacityLimiter(max_body_streams) if max_body_streams else None
         self.limiter = trio.CapacityLimiter(concurrency)
         self.monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
         self.retry = retry
         self.progress = progress
         self.logger = session.logger
+
+    @asynccontextmanager
+    async def body_stream(self, watch: Watch) -> AsyncIterator[None]:
+        """Hold one of the ``max_body_streams`` places while a blob body flows (waiting for a
+        place is not judged a stall)."""
+        if self._bodies is None:
+            yield
+            return
+        with watch.paused():
+            await self._bodies.acquire()
+        try:
+            yield
+        finally:
+            self._bodies.release()
 
     async def run_each(self, blobs: Sequence[Blob], one: Callable[[Blob], Awaitable[None]]) -> None:
         """Run ``one(blob)`` for every blob in parallel, under the monitor.

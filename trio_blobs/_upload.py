@@ -9,6 +9,7 @@ import os
 import re
 import stat
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,7 @@ async def upload(
     head_concurrency: int = HEAD_CONCURRENCY,
     retry: RetryPolicy | None = None,
     rate_limit: float | None = None,
+    max_body_streams: int | None = None,
 ) -> UploadResult:
     """Upload ``blobs`` from ``src_dir/sha256-<hex>`` to ``repository`` at ``base_url``, then
     push ``manifest`` (if given) once every blob is there.
@@ -102,7 +104,12 @@ async def upload(
     :class:`ValueError` / :class:`TypeError` for bad arguments before any I/O.
     """
     todo = check_blobs(blobs)
-    check_options(concurrency=concurrency, stall_timeout=stall_timeout, rate_limit=rate_limit)
+    check_options(
+        concurrency=concurrency,
+        stall_timeout=stall_timeout,
+        rate_limit=rate_limit,
+        max_body_streams=max_body_streams,
+    )
     check_int("head_concurrency", head_concurrency)
     check_int("chunk_threshold", chunk_threshold, minimum=0)
     if chunk_size is not None:
@@ -129,6 +136,7 @@ async def upload(
             stall_timeout=stall_timeout,
             retry=retry or RetryPolicy(),
             rate_limit=rate_limit,
+            max_body_streams=max_body_streams,
             progress=Progress(
                 progress, total=sum(blob.size for blob in todo), blob_callback=blob_progress
             ),
@@ -360,7 +368,7 @@ class _Pusher:
     def __init__(
         self, transfer: Transfer, src: Path, *, chunk_size: int | None, chunk_threshold: int
     ) -> None:
-        self._transfer = transfer
+        self.transfer = transfer
         self._session: RegistrySession = transfer.session
         self._src = src
         self._chunk_size = chunk_size
@@ -377,9 +385,9 @@ class _Pusher:
                 if await self._exists(blob, watch):
                     present.add(blob.digest)
 
-            await self._transfer.with_retries(blob, attempt, limiter=limiter)
+            await self.transfer.with_retries(blob, attempt, limiter=limiter)
 
-        await self._transfer.run_each(blobs, check)
+        await self.transfer.run_each(blobs, check)
         return present
 
     async def _exists(self, blob: Blob, watch: Watch) -> bool:
@@ -401,13 +409,13 @@ class _Pusher:
         async def attempt(watch: Watch) -> None:
             nonlocal tried
             if tried and await self._exists(blob, watch):
-                self._transfer.progress.done_already([blob])
+                self.transfer.progress.done_already([blob])
                 self.uploaded.add(blob.digest)
                 return
             tried = True
-            with self._transfer.progress.attempt(blob) as counted:
+            with self.transfer.progress.attempt(blob) as counted:
                 source = _Source(
-                    blob, self._src / blob.file_name, watch, counted, self._transfer.rate_limit
+                    blob, self._src / blob.file_name, watch, counted, self.transfer.rate_limit
                 )
                 push = _Push(self, source)
                 try:
@@ -418,7 +426,7 @@ class _Pusher:
                         await self._abandon(push.location)
             (self.mounted if mounted else self.uploaded).add(blob.digest)
 
-        await self._transfer.with_retries(blob, attempt)
+        await self.transfer.with_retries(blob, attempt)
 
     def chunk_size(self, blob: Blob, started: httpx.Response) -> int | None:
         """The chunk size to push ``blob`` with, or None for one PUT."""
@@ -453,7 +461,7 @@ class _Pusher:
             )
             check_announced_digest(response, digest)
 
-        await self._transfer.with_retries(Blob(digest, len(manifest)), attempt)
+        await self.transfer.with_retries(Blob(digest, len(manifest)), attempt)
 
 
 class _Push:
@@ -545,13 +553,16 @@ class _Push:
         if length is not None:
             headers["content-type"] = "application/octet-stream"
             headers["content-length"] = str(length)
-        return await self._session.request(
-            method,
-            url,
-            expect=expect,
-            digest=self._source.blob.digest,
-            what=what,
-            headers=headers,
-            body=body,
-            watch=self._source.watch,
-        )
+        watch = self._source.watch
+        # Only requests that carry blob bytes take one of the max_body_streams places.
+        async with self._pusher.transfer.body_stream(watch) if length else nullcontext():
+            return await self._session.request(
+                method,
+                url,
+                expect=expect,
+                digest=self._source.blob.digest,
+                what=what,
+                headers=headers,
+                body=body,
+                watch=watch,
+            )

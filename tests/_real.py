@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 from trio_blobs.testing import DistributionBasicAuth, DistributionTokenAuth, distribution_registry
 from trio_blobs.testing._server import Response, listen, run_server
 
-INSTALL = "apt-get install docker-registry skopeo apache2-utils"
+PACKAGES = {"htpasswd": "apache2-utils"}  # program -> Debian package, where they differ
 USERS = {"alice": "alice-secret"}
 # The registry accepts a token for this long after its ``exp`` claim (clock skew allowance).
 REGISTRY_LEEWAY = 60
@@ -45,7 +45,8 @@ def require(*programs: str) -> None:
     """Skip the test (fail it when ``CI`` is set) unless every program is on PATH."""
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
-        message = f"{', '.join(missing)} not found: install with `{INSTALL}`"
+        packages = " ".join(PACKAGES.get(p, p) for p in missing)
+        message = f"{', '.join(missing)} not found: install with `apt-get install {packages}`"
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"{message} (CI is set: real-registry tests must run)")
         pytest.skip(message)

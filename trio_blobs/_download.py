@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,11 +17,11 @@ import httpx
 import trio
 
 from ._digest import Blob, hashed_digest, new_hasher
-from ._exceptions import IntegrityError, LocalFileError
+from ._exceptions import IntegrityError, LocalFileError, TransferError
 from ._monitor import Watch
-from ._protocol import check_announced_digest
+from ._protocol import check_announced_digest, check_base_url
 from ._retry import RetryPolicy
-from ._session import GetToken
+from ._session import GetToken, RegistrySession
 from ._transfer import (
     BlobProgressCallback,
     Progress,
@@ -72,6 +72,8 @@ async def download(
     fsync: bool = False,
     rate_limit: float | None = None,
     max_body_streams: int | None = None,
+    mirrors: Sequence[str] = (),
+    mirror_credentials: bool = False,
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
@@ -95,6 +97,11 @@ async def download(
     for ``stall_timeout`` seconds, or crawls far below recent transfers, is cancelled and retried
     as ``retry`` (a :class:`RetryPolicy`) allows.
 
+    ``mirrors`` are base URLs (pull-through caches, peer-to-peer mirrors) tried in order before
+    the registry for each blob: a miss (404), an error, a stall or content that does not verify
+    there moves on to the next, and the blob's digest is what makes a mirror's bytes
+    trustworthy. Credentials go to mirrors only with ``mirror_credentials=True``.
+
     Raises :class:`TransferError` (naming the blob) when a blob cannot be fetched, and
     :class:`ValueError` / :class:`TypeError` for bad arguments, before any I/O.
     """
@@ -106,6 +113,9 @@ async def download(
         max_body_streams=max_body_streams,
     )
     check_int("resume_threshold", resume_threshold, minimum=0)
+    if isinstance(mirrors, str):
+        raise TypeError("mirrors must be a sequence of base URLs, not one string")
+    mirror_urls = [check_base_url(mirror) for mirror in mirrors]
     if not todo:
         return DownloadResult((), ())
     dest = Path(dest_dir)
@@ -137,14 +147,40 @@ async def download(
             max_body_streams=max_body_streams,
         )
 
+        sources = [
+            *(session.mirror(url, with_credentials=mirror_credentials) for url in mirror_urls),
+            session,
+        ]
+
         async def fetch(blob: Blob) -> None:
             resumable = blob.size >= resume_threshold
-            await transfer.with_retries(
-                blob,
-                lambda watch: _attempt(
-                    transfer, blob, dest, watch, resumable=resumable, fsync=fsync
-                ),
-            )
+            source = 0  # which of sources this blob is fetched from
+            failed_before = False
+
+            async def attempt(watch: Watch) -> None:
+                nonlocal source, failed_before
+                if failed_before and source < len(mirror_urls):
+                    source += 1  # the last attempt failed at a mirror (a stall, say)
+                failed_before = True
+                while True:
+                    try:
+                        await _attempt(
+                            transfer,
+                            sources[source],
+                            blob,
+                            dest,
+                            watch,
+                            resumable=resumable,
+                            fsync=fsync,
+                        )
+                        return
+                    except TransferError as exc:
+                        if source == len(mirror_urls) or isinstance(exc, LocalFileError):
+                            raise
+                        session.logger.info("mirror failed for %s, moving on: %s", blob.digest, exc)
+                        source += 1
+
+            await transfer.with_retries(blob, attempt)
 
         await transfer.run_each(todo, fetch)
     return DownloadResult(
@@ -182,11 +218,17 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
 
 
 async def _attempt(
-    transfer: Transfer, blob: Blob, dest: Path, watch: Watch, *, resumable: bool, fsync: bool
+    transfer: Transfer,
+    session: RegistrySession,
+    blob: Blob,
+    dest: Path,
+    watch: Watch,
+    *,
+    resumable: bool,
+    fsync: bool,
 ) -> None:
-    """One GET of ``blob`` (of the rest of it, when part is kept from before) streamed into a
-    verified file; a failure rolls its progress back."""
-    session = transfer.session
+    """One GET of ``blob`` from ``session`` (of the rest of it, when part is kept from before)
+    streamed into a verified file; a failure rolls its progress back."""
     with transfer.progress.attempt(blob) as counted:
         with watch.paused():  # re-hashing kept bytes is not the peer's doing
             partial = await _PartialFile.open(dest, blob, resumable=resumable)

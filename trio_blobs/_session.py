@@ -103,8 +103,24 @@ class RegistrySession:
         self.credentials = credentials
         self.logger = logger
         self._user_agent = user_agent or DEFAULT_USER_AGENT
+        self._actions = actions
         self._default_scope = f"repository:{repository}:{actions}"
         self._api = base_url.join(f"{base_url.path.rstrip('/')}/v2/{repository}/")
+
+    def mirror(self, base_url: httpx.URL, *, with_credentials: bool) -> RegistrySession:
+        """The same repository on a mirror at ``base_url``, through the same client; with this
+        session's credentials only if ``with_credentials``."""
+        return RegistrySession(
+            client=self.client,
+            base_url=base_url,
+            repository=self.repository,
+            credentials=(
+                self.credentials if with_credentials else Credentials(token=None, get_token=None)
+            ),
+            user_agent=self._user_agent,
+            logger=self.logger,
+            actions=self._actions,
+        )
 
     def url(self, path: str) -> httpx.URL:
         """The URL of ``path`` (e.g. ``blobs/<digest>``) below this repository's API root."""

@@ -183,3 +183,24 @@ async def test_a_killed_process_is_resumed_by_the_next(registry: Registry, tmp_p
     assert gets(registry, blob) == [None, f"bytes={50 * MB}-"]  # 100 MB served in all
     assert (tmp_path / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
     assert os.listdir(tmp_path) == [blob.file_name]
+
+
+async def test_two_calls_fetching_the_same_blob_never_corrupt_it(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [big, small] = add_blobs(registry, 3 * MB, 1000)
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(
+                lambda: download(
+                    [big, small, big],
+                    base_url=BASE_URL,
+                    dest_dir=tmp_path,
+                    client=client,
+                    resume_threshold=MB,
+                )
+            )
+    assert 1 <= len(gets(registry, big)) <= 2  # fetched once, or at worst twice
+    for blob in (big, small):
+        assert (tmp_path / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
+    assert sorted(os.listdir(tmp_path)) == sorted([big.file_name, small.file_name])

@@ -707,6 +707,8 @@ def main() -> None:
     unknown = set(args.contenders) - {c.name for c in _all_contenders()}
     if unknown or not set(args.directions) <= set(DIRECTIONS) or args.runs < 1:
         _parser().error(f"unknown contenders {sorted(unknown)}, bad --directions or --runs")
+    if shutil.which("docker-registry") is None:
+        raise SystemExit("docker-registry is not on PATH: `apt-get install docker-registry`")
     contenders, skipped = [], []
     for contender in _all_contenders():
         if contender.name in args.contenders and contender.direction in args.directions:

@@ -602,7 +602,8 @@ async def test_stall_over_loopback_with_a_small_real_timeout(
     registry.add_fault(Fault(stall_after=100_000, times=1))
     async with registry.serving() as base_url:
         await download([blob], base_url=base_url, dest_dir=tmp_path, stall_timeout=0.3)
-    assert len(blob_gets(registry)) == 2
+    assert len(blob_gets(registry)) >= 2  # the stalled one, then (on a busy machine, maybe
+    # after another cut-off that a short real timeout allows) one that finished
     assert_exactly(tmp_path, registry, [blob])
 
 

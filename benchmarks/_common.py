@@ -124,6 +124,7 @@ def registry_url(url: str | None, registry: str = "embedded") -> Iterator[str]:
     context = multiprocessing.get_context("spawn")
     server = context.Process(target=_serve, args=(child, registry), daemon=True)
     server.start()
+    child.close()  # only the server keeps its end: if it dies before answering, recv() sees EOF
     try:
         try:
             address = parent.recv()

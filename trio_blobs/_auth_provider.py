@@ -11,7 +11,7 @@ import trio
 
 from ._auth import AuthChallenge
 from ._exceptions import AuthenticationError, ConnectionFailedError
-from ._protocol import check_base_url, parse_error_body
+from ._protocol import check_base_url, origin, parse_error_body
 
 __all__ = ["RegistryAuth"]
 
@@ -51,7 +51,7 @@ class RegistryAuth:
             if username is not None
             else None
         )
-        self._trusted = {_origin(check_base_url(realm)) for realm in trusted_realms}
+        self._trusted = {origin(check_base_url(realm)) for realm in trusted_realms}
         self._first_realm: tuple[str, str, int | None] | None = None
         self._client = client
         self._tokens: dict[tuple[str, str | None, str | None], tuple[str, float]] = {}
@@ -82,13 +82,13 @@ class RegistryAuth:
         return token
 
     def _may_send_credentials(self, realm: httpx.URL) -> bool:
-        origin = _origin(realm)
+        realm_origin = origin(realm)
         if realm.scheme == "https" and self._first_realm is None:
-            self._first_realm = origin
+            self._first_realm = realm_origin
         return (
             (realm.host == self._registry.host and realm.scheme in ("https", self._registry.scheme))
-            or origin in self._trusted
-            or origin == self._first_realm
+            or realm_origin in self._trusted
+            or realm_origin == self._first_realm
         )
 
     async def _fetch(self, realm: str, service: str | None, scope: str | None) -> tuple[str, float]:
@@ -142,7 +142,3 @@ def _read_token(response: httpx.Response, realm: str) -> tuple[str, float]:
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
         expires_in = DEFAULT_EXPIRES_IN
     return token, float(expires_in)
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return (url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme))

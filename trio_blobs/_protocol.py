@@ -43,13 +43,14 @@ def check_base_url(base_url: object) -> httpx.URL:
     return url.copy_with(path=url.path.rstrip("/") or "/", query=None, fragment=None)
 
 
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """Scheme, host and effective port: what decides where credentials may go."""
+    return (url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme))
+
+
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     """Whether two URLs share scheme, host and (effective) port."""
-    return (a.scheme, a.host, _port(a)) == (b.scheme, b.host, _port(b))
-
-
-def _port(url: httpx.URL) -> int | None:
-    return url.port or {"http": 80, "https": 443}.get(url.scheme)
+    return origin(a) == origin(b)
 
 
 def location_target(

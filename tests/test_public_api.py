@@ -13,6 +13,7 @@ def test_trio_blobs_exports() -> None:
         "ConnectionFailedError",
         "Descriptor",
         "DownloadResult",
+        "HTTP1Transport",
         "IntegrityError",
         "LocalFileError",
         "Manifest",

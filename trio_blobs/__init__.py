@@ -19,6 +19,7 @@ from ._exceptions import (
     StallError,
     TransferError,
 )
+from ._http import HTTP1Transport
 from ._manifest import (
     Descriptor,
     Manifest,
@@ -37,6 +38,7 @@ __all__ = [
     "ConnectionFailedError",
     "Descriptor",
     "DownloadResult",
+    "HTTP1Transport",
     "IntegrityError",
     "LocalFileError",
     "Manifest",

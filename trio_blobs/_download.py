@@ -19,7 +19,7 @@ import trio
 from ._digest import Blob, hashed_digest, new_hasher
 from ._exceptions import IntegrityError, LocalFileError, TransferError
 from ._monitor import Watch
-from ._protocol import check_announced_digest, check_base_url
+from ._protocol import check_announced_digest, check_base_url, check_int
 from ._retry import RetryPolicy
 from ._session import GetToken, RegistrySession
 from ._transfer import (
@@ -28,7 +28,6 @@ from ._transfer import (
     ProgressCallback,
     Transfer,
     check_blobs,
-    check_int,
     check_options,
     local_file_errors,
     open_session,

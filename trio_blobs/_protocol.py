@@ -25,6 +25,12 @@ _REPOSITORY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # the distribution spec's tag grammar
 
 
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """Raise :class:`ValueError` unless ``value`` is an int of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def check_repository(repository: object) -> str:
     """Return ``repository`` if it is a usable repository name, else raise :class:`ValueError`."""
     if not isinstance(repository, str) or not _REPOSITORY_RE.fullmatch(repository):

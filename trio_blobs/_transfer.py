@@ -12,8 +12,9 @@ import trio
 
 from ._digest import Blob
 from ._exceptions import LocalFileError, TransferError
+from ._http import HTTP1Transport
 from ._monitor import Monitor, RateHistory, Watch
-from ._protocol import check_base_url, check_repository
+from ._protocol import check_base_url, check_int, check_repository
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import CLEANUP_TIMEOUT, Credentials, GetToken, RegistrySession
 
@@ -48,12 +49,6 @@ def local_file_errors(digest: str | None, path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise LocalFileError(f"{path}: {exc.strerror or exc}", digest=digest) from exc
-
-
-def check_int(name: str, value: object, minimum: int = 1) -> None:
-    """Raise :class:`ValueError` unless ``value`` is an int of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def check_options(
@@ -304,13 +299,12 @@ def _leaves(exc: BaseException) -> Iterable[BaseException]:
 
 def default_client(concurrency: int) -> httpx.AsyncClient:
     """The client a transfer uses when the caller gives none: no timeouts of its own (the
-    monitor handles stalls), no automatic redirects, a keep-alive pool sized for speed."""
+    monitor handles stalls), no automatic redirects, and :class:`HTTP1Transport`, which keeps
+    a connection per task in flight alive at no cost per request (see :mod:`._http`)."""
     return httpx.AsyncClient(
         timeout=None,
         follow_redirects=False,
-        limits=httpx.Limits(
-            max_connections=concurrency, max_keepalive_connections=min(concurrency, 16)
-        ),
+        transport=HTTP1Transport(max_idle_connections=concurrency),
     )
 
 

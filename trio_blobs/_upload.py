@@ -19,7 +19,7 @@ import trio
 from ._digest import Blob, Hasher, hashed_digest, new_hasher
 from ._exceptions import LocalFileError, RegistryError, TransferError
 from ._monitor import Watch
-from ._protocol import TAG_RE, check_announced_digest, location_target
+from ._protocol import TAG_RE, check_announced_digest, check_int, location_target
 from ._retry import RetryPolicy
 from ._session import Body, GetToken, RegistrySession
 from ._transfer import (
@@ -30,7 +30,6 @@ from ._transfer import (
     RateLimit,
     Transfer,
     check_blobs,
-    check_int,
     check_options,
     local_file_errors,
     open_session,

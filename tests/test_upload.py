@@ -22,7 +22,7 @@ from trio_blobs import (
     UploadResult,
     upload,
 )
-from trio_blobs._upload import _held, _with_digest
+from trio_blobs._upload import SMALL_BLOB, _held, _with_digest
 from trio_blobs.testing import Fault, Registry
 
 from ._helpers import BASE_URL, CountingTransport, went_backwards
@@ -122,6 +122,38 @@ async def test_existence_checks_run_wide_with_their_own_limit(
         result = await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
     assert transport.peak == 128
     assert len(result.skipped) == 300
+
+
+async def test_a_first_push_asks_about_a_few_small_blobs_only(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """None of the first 16 small blobs is there: the other small ones go without a HEAD
+    (one of them is there after all and is simply pushed again); big blobs are always asked."""
+    small = write_blobs(tmp_path, *[100] * 40)
+    (big,) = write_blobs(tmp_path, SMALL_BLOB)
+    registry.add_blob((tmp_path / small[30].file_name).read_bytes())
+    result = await upload([*small, big], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    heads = requests_of(registry, "HEAD")
+    assert sorted(heads) == sorted(
+        f"{BASE_URL}/v2/library/_/blobs/{blob.digest}" for blob in [*small[:16], big]
+    )
+    assert len(requests_of(registry, "POST")) == 41
+    assert result.uploaded == tuple(blob.digest for blob in [*small, big])
+    assert result.skipped == ()
+    assert_stored(registry, tmp_path, [*small, big])
+
+
+async def test_all_small_blobs_are_asked_about_when_a_probe_finds_one(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    small = write_blobs(tmp_path, *[100] * 40)
+    for blob in (small[3], small[30]):
+        registry.add_blob((tmp_path / blob.file_name).read_bytes())
+    result = await upload(small, base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(requests_of(registry, "HEAD")) == 40
+    assert len(requests_of(registry, "POST")) == 38
+    assert result.skipped == (small[3].digest, small[30].digest)
+    assert_stored(registry, tmp_path, small)
 
 
 # -- 3. cross-repository mount --------------------------------------------------------------

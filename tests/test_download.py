@@ -199,6 +199,48 @@ async def test_many_rejected_transfers_share_one_token_refresh(tmp_path: Path) -
     assert challenges[0].scope == "repository:library/_:pull"
 
 
+async def test_without_a_token_one_request_goes_first_and_the_rest_carry_credentials(
+    tmp_path: Path,
+) -> None:
+    registry = Registry(token="t1")
+    blobs = add_blobs(registry, *[1000] * 40)
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        await trio.sleep(0.01)
+        return "t1"
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await download(
+            blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, get_token=get_token
+        )
+    without = [r for r in registry.requests if "authorization" not in r.headers]
+    assert len(without) == 1
+    assert len(registry.requests) == 41
+    assert_exactly(tmp_path, registry, blobs)
+
+
+async def test_a_first_request_that_fails_lets_the_others_go(tmp_path: Path) -> None:
+    registry = Registry()
+    blobs = add_blobs(registry, *[1000] * 5)
+    registry.add_fault(Fault(status=503, times=1))
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        raise AssertionError("an open registry asks for no credentials")
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        with trio.fail_after(5):
+            await download(
+                blobs,
+                base_url=BASE_URL,
+                dest_dir=tmp_path,
+                client=client,
+                get_token=get_token,
+                retry=trio_blobs.RetryPolicy(base_delay=0.01),
+            )
+    assert len(registry.requests) == 6
+    assert_exactly(tmp_path, registry, blobs)
+
+
 async def test_a_token_rejected_after_refresh_is_final(tmp_path: Path) -> None:
     registry = Registry(token="right")
     blobs = add_blobs(registry, 10)

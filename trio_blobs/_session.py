@@ -55,6 +55,10 @@ class Credentials:
 
     When many requests are rejected with the same value at once, the first one to ask fetches a
     new token; the others wait for it and use it. ``generation`` tells them apart.
+
+    With ``get_token`` and no token yet, the first request goes alone (:meth:`probe`): the others
+    wait for its outcome, so that a registry asking for credentials rejects one request, not a
+    whole first wave of them.
     """
 
     def __init__(self, *, token: str | None, get_token: GetToken | None) -> None:
@@ -62,6 +66,25 @@ class Credentials:
         self.generation = 0
         self.get_token = get_token
         self._lock = trio.Lock()
+        self._probed: trio.Event | None = None
+
+    @asynccontextmanager
+    async def probe(self, watch: Watch | None) -> AsyncIterator[None]:
+        """Around sending a request: the first one while there is no token goes on at once,
+        and the others wait (not judged a stall) until it is done, however it ends."""
+        if self.header is not None or self.get_token is None:
+            yield
+            return
+        if self._probed is not None:
+            with watch.paused() if watch is not None else nullcontext():
+                await self._probed.wait()
+            yield
+            return
+        self._probed = trio.Event()
+        try:
+            yield
+        finally:
+            self._probed.set()
 
     async def refresh(
         self, get_token: GetToken, rejected_generation: int, challenge: AuthChallenge
@@ -214,7 +237,23 @@ class RegistrySession:
         watch: Watch | None,
     ) -> tuple[httpx.Response, bool]:
         """The first response that is not a redirect or a resolvable 401, and whether a token
-        refresh was tried on the way."""
+        refresh was tried on the way (one request goes first while credentials are unknown)."""
+        async with self.credentials.probe(watch):
+            return await self._send_following(
+                method, url, digest=digest, headers=headers, body=body, watch=watch
+            )
+
+    async def _send_following(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        digest: str | None,
+        headers: Mapping[str, str] | None,
+        body: Body,
+        watch: Watch | None,
+    ) -> tuple[httpx.Response, bool]:
+        """:meth:`_send`, past the probe."""
         refreshed = False
         hops = 0
         get_token = self.credentials.get_token

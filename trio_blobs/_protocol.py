@@ -79,7 +79,9 @@ def location_target(
             return fallback
         raise ProtocolError(f"answer {response.status_code} without a Location", url=str(current))
     try:
-        target = current.join(location)
+        # An absolute Location (the usual kind) parses faster alone than joined.
+        absolute = location.startswith(("http://", "https://"))
+        target = httpx.URL(location) if absolute else current.join(location)
     except httpx.InvalidURL as exc:
         raise ProtocolError(f"unusable Location {location!r}", url=str(current)) from exc
     if target.scheme not in ("http", "https") or not target.host:

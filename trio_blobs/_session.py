@@ -128,7 +128,7 @@ class RegistrySession:
         self._user_agent = user_agent or DEFAULT_USER_AGENT
         self._actions = actions
         self._default_scope = f"repository:{repository}:{actions}"
-        self._api = base_url.join(f"{base_url.path.rstrip('/')}/v2/{repository}/")
+        self._api = str(base_url.join(f"{base_url.path.rstrip('/')}/v2/{repository}/"))
 
     def mirror(self, base_url: httpx.URL, *, with_credentials: bool) -> RegistrySession:
         """The same repository on a mirror at ``base_url``, through the same client; with this
@@ -147,7 +147,7 @@ class RegistrySession:
 
     def url(self, path: str) -> httpx.URL:
         """The URL of ``path`` (e.g. ``blobs/<digest>``) below this repository's API root."""
-        return self._api.join(path)
+        return httpx.URL(self._api + path)  # parsing one string costs half of a join
 
     @asynccontextmanager
     async def stream(

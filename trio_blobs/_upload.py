@@ -377,6 +377,7 @@ class _Pusher:
         self._chunk_threshold = chunk_threshold
         self.uploaded: set[str] = set()
         self.mounted: set[str] = set()
+        self.uploads_url = self._session.url("blobs/uploads/")
 
     async def find_present(self, blobs: list[Blob], limiter: trio.CapacityLimiter) -> set[str]:
         """The digests among ``blobs`` that the repository has, as far as worth asking.
@@ -495,7 +496,7 @@ class _Push:
     async def run(self) -> bool:
         """Push the blob; True if the registry mounted it instead."""
         source, blob = self._source, self._source.blob
-        url = self._session.url("blobs/uploads/")
+        url = self._pusher.uploads_url
         if blob.mount_from is not None:
             # Both are validated to URL-safe characters: sent as registries document them.
             url = url.copy_with(query=f"mount={blob.digest}&from={blob.mount_from}".encode())

@@ -42,7 +42,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_THRESHOLD = 1024 * 1024 * 1024
 HEAD_CONCURRENCY = 128
 PROBE_COUNT = 16  # small blobs asked about before the others are taken to be missing too
-SMALL_BLOB = 1024 * 1024  # sending a blob this small again costs about what asking does
+SMALL_BLOB = 4 * 1024 * 1024  # pushing such a blob that was there after all costs little
 ABANDON_TIMEOUT = 0.5  # seconds a best-effort DELETE of a failed upload session may take
 MAX_416_RECOVERIES = 3  # per attempt, before the attempt starts over with a new session
 COMMIT_GRACE = 60.0  # extra seconds a registry may take to answer once a blob is all sent,
@@ -92,7 +92,7 @@ async def upload(
     push ``manifest`` (if given) once every blob is there.
 
     Blobs the repository already has (``HEAD``, ``head_concurrency`` at a time) are skipped,
-    except that blobs under 1 MiB are not asked about when none of the first 16 is there;
+    except that blobs under 4 MiB are not asked about when none of the first 16 is there;
     blobs with ``mount_from`` are mounted from that repository when the registry agrees. The
     others are pushed in one ``PUT``, or in ``PATCH`` chunks of ``chunk_size`` bytes when
     ``chunk_size`` is given, the blob is larger than ``chunk_threshold``, or the registry asks
@@ -383,10 +383,11 @@ class _Pusher:
         """The digests among ``blobs`` that the repository has, as far as worth asking.
 
         Every blob of :data:`SMALL_BLOB` bytes or more is asked about, and the first
-        :data:`PROBE_COUNT` smaller ones. If none of those is there, the repository is taken to
-        be new to this content and the other small blobs are pushed without asking: a ``HEAD``
-        costs the registry about as much as sending such a blob again, and a first push has
-        none to skip. Otherwise the other small blobs are asked about too.
+        :data:`PROBE_COUNT` smaller ones. If none of those is there, this is taken for a first
+        push and the other small blobs are pushed without asking: a first push has none to
+        skip, each ``HEAD`` costs the registry about as much CPU as receiving a 64 KiB blob,
+        and a wrong guess costs no more than sending a small blob it had. Otherwise the other
+        small blobs are asked about too.
         """
         small = [blob for blob in blobs if blob.size < SMALL_BLOB]
         unasked = {blob.digest for blob in small[PROBE_COUNT:]}

@@ -48,7 +48,16 @@ class _NoResponse(Exception):
 class _Connection:
     """One HTTP/1.1 connection: its stream, and bytes received but not yet consumed."""
 
-    __slots__ = ("buffer", "origin", "read_timeout", "request", "socket", "stream", "write_timeout")
+    __slots__ = (
+        "buffer",
+        "origin",
+        "read_timeout",
+        "request",
+        "reusable",
+        "socket",
+        "stream",
+        "write_timeout",
+    )
 
     def __init__(self, origin: Origin, stream: trio.abc.Stream, socket: trio.socket.SocketType):
         self.origin = origin
@@ -58,6 +67,7 @@ class _Connection:
         self.request: httpx.Request | None = None  # the request being served, for errors
         self.read_timeout: float | None = None
         self.write_timeout: float | None = None
+        self.reusable = True  # False once a request could not be sent whole
 
     def close(self) -> None:
         """Drop the connection at once (a TLS stream is not told: framing makes that safe)."""
@@ -107,7 +117,7 @@ class _Connection:
         ``response_start``, a connection that ends or fails before giving any byte raises
         :class:`_NoResponse` (from the read error, if any)."""
         buffer, self.buffer = self.buffer, b""
-        while (match := pattern.search(buffer)) is None:
+        while (match := pattern.search(buffer)) is None or match.start() > MAX_HEAD_SIZE:
             if len(buffer) > MAX_HEAD_SIZE:
                 raise httpx.RemoteProtocolError(
                     f"{what} longer than {MAX_HEAD_SIZE} bytes", request=self.request
@@ -173,8 +183,9 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         head, length = _request_head(request)
         replayable = request.method in IDEMPOTENT and isinstance(request.stream, httpx.ByteStream)
+        replaying = False
         while True:
-            connection = self._take(origin)
+            connection = None if replaying else self._take(origin)
             reused = connection is not None
             if connection is None:
                 connection = await self._connect(request, origin, timeouts.get("connect"))
@@ -183,10 +194,12 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             connection.write_timeout = timeouts.get("write")
             try:
                 response = await _exchange(connection, request, head, length)
+                return _response(self, connection, request, *response)
             except _NoResponse as exc:
                 connection.close()
                 if reused and replayable:
-                    continue  # the server had closed it while idle: once more, on a new one
+                    replaying = True  # the server had closed it while idle: once more, on a new one
+                    continue
                 cause = exc.__cause__
                 if isinstance(cause, httpx.TransportError):
                     raise cause from cause.__cause__
@@ -196,7 +209,6 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             except BaseException:
                 connection.close()
                 raise
-            return _response(self, connection, request, *response)
 
     async def aclose(self) -> None:
         """Close the idle connections; connections in use close when their response ends."""
@@ -220,7 +232,12 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
     def release(self, connection: _Connection) -> None:
         """Keep ``connection`` for a later request to its origin (or close it, when enough are
         kept or the transport is closed)."""
-        if self._closed or self._idle_count >= self._max_idle or connection.buffer:
+        if (
+            self._closed
+            or self._idle_count >= self._max_idle
+            or connection.buffer
+            or not connection.reusable
+        ):
             connection.close()
             return
         connection.request = None
@@ -308,6 +325,7 @@ async def _exchange(
     try:
         await _send_request(connection, request, head, length)
     except httpx.WriteError as exc:
+        connection.reusable = False  # the server stopped reading: whatever it says, not again
         try:
             return await _receive_head(connection)
         except (_NoResponse, httpx.TransportError):

@@ -171,9 +171,10 @@ class RegistrySession:
         """
         response: httpx.Response | None = None
         try:
-            response, refreshed = await self._send(
-                method, url, digest=digest, headers=headers, body=body, watch=watch
-            )
+            async with self.credentials.probe(watch):  # one goes first without credentials
+                response, refreshed = await self._send(
+                    method, url, digest=digest, headers=headers, body=body, watch=watch
+                )
             if response.status_code not in expect:
                 error = error_for_response(
                     response,
@@ -237,23 +238,7 @@ class RegistrySession:
         watch: Watch | None,
     ) -> tuple[httpx.Response, bool]:
         """The first response that is not a redirect or a resolvable 401, and whether a token
-        refresh was tried on the way (one request goes first while credentials are unknown)."""
-        async with self.credentials.probe(watch):
-            return await self._send_following(
-                method, url, digest=digest, headers=headers, body=body, watch=watch
-            )
-
-    async def _send_following(
-        self,
-        method: str,
-        url: httpx.URL,
-        *,
-        digest: str | None,
-        headers: Mapping[str, str] | None,
-        body: Body,
-        watch: Watch | None,
-    ) -> tuple[httpx.Response, bool]:
-        """:meth:`_send`, past the probe."""
+        refresh was tried on the way."""
         refreshed = False
         hops = 0
         get_token = self.credentials.get_token

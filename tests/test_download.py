@@ -4,6 +4,7 @@ import errno
 import os
 import resource
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1144,3 +1145,119 @@ async def test_fsync_flushes_each_blob_and_its_directory(
     await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, fsync=fsync)
     assert len(synced) == calls  # a file and its directory, per blob
     assert_exactly(tmp_path, registry, blobs)
+
+
+# -- big bodies: hashed and written on worker threads ---------------------------------------
+
+
+@pytest.fixture
+def writer_threads(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Every body is big enough for a worker thread (at most two at once); returns the names
+    of the threads that hashed and wrote pieces."""
+    monkeypatch.setattr(trio_blobs._download, "THREADED_SIZE", 1)
+    monkeypatch.setattr(trio_blobs._download, "WORKER_THREADS", 2)
+    names: set[str] = set()
+    real_append = trio_blobs._download._PartialFile.append
+
+    def recording_append(self: trio_blobs._download._PartialFile, piece: bytes) -> None:
+        names.add(threading.current_thread().name)
+        real_append(self, piece)
+
+    monkeypatch.setattr(trio_blobs._download._PartialFile, "append", recording_append)
+    return names
+
+
+async def test_big_bodies_are_verified_on_worker_threads(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, writer_threads: set[str]
+) -> None:
+    blobs = add_blobs(registry, *[300_000] * 6)
+    registry.add_fault(Fault(corrupt=True, times=2))
+    registry.add_fault(Fault(truncate_at=100_000, times=2))
+    await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert_exactly(tmp_path, registry, blobs)
+    assert writer_threads - {threading.main_thread().name}  # worker threads did write
+    assert len(blob_gets(registry)) == 10  # 4 failed attempts retried
+
+
+async def test_under_a_mock_clock_big_bodies_stay_on_the_event_loop(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    writer_threads: set[str],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    blobs = add_blobs(registry, *[300_000] * 3)
+    await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert_exactly(tmp_path, registry, blobs)
+    assert writer_threads == {threading.main_thread().name}
+
+
+async def test_a_too_long_body_on_a_worker_thread_is_refused(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, writer_threads: set[str]
+) -> None:
+    [blob] = add_blobs(registry, 300_000)
+    registry.add_fault(Fault(extra=b"x" * 1_000_000, times=None))
+    seen: list[int] = []
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await download(
+            [blob],
+            base_url=BASE_URL,
+            dest_dir=tmp_path,
+            client=client,
+            blob_progress=lambda _, done: seen.append(done),
+        )
+    assert isinstance(caught.value.last_error, IntegrityError)
+    assert stored(tmp_path) == set()
+    assert all(done <= blob.size for done in seen)  # refused before it was counted
+
+
+async def test_a_write_error_on_a_worker_thread_is_reported_and_not_retried(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    file_size_limit: int,
+    writer_threads: set[str],
+) -> None:
+    [blob] = add_blobs(registry, 8_000_000)
+    seen: list[int] = []
+    with pytest.raises(LocalFileError, match=os.strerror(errno.EFBIG)):
+        await download(
+            [blob],
+            base_url=BASE_URL,
+            dest_dir=tmp_path,
+            client=client,
+            blob_progress=lambda _, done: seen.append(done),
+        )
+    assert len(blob_gets(registry)) == 1
+    assert max(seen) <= 3 * 2**20  # the body was not read on: the 1 MiB pieces in the queue
+    assert stored(tmp_path) == set()
+    assert writer_threads - {threading.main_thread().name}  # worker threads did write
+
+
+async def test_cancelling_with_worker_threads_returns_promptly_and_cleans_up(
+    registry: Registry, tmp_path: Path, writer_threads: set[str]
+) -> None:
+    blobs = add_blobs(registry, *[500_000] * 4)
+    registry.add_fault(Fault(stall_after=200_000, times=None))
+    async with registry.serving() as base_url:
+        with trio.move_on_after(0.5):
+            start = trio.current_time()
+            await download(blobs, base_url=base_url, dest_dir=tmp_path)
+        assert trio.current_time() - start < 1.0
+    assert stored(tmp_path) == set()
+    assert writer_threads - {threading.main_thread().name}  # worker threads did write
+
+
+async def test_a_stalled_body_on_a_worker_thread_resumes_where_it_stopped(
+    registry: Registry, tmp_path: Path, writer_threads: set[str]
+) -> None:
+    [blob] = add_blobs(registry, 3_000_000)
+    registry.add_fault(Fault(stall_after=1_000_000, times=1))
+    async with registry.serving() as base_url:
+        await download(
+            [blob], base_url=base_url, dest_dir=tmp_path, stall_timeout=0.3, resume_threshold=1
+        )
+    assert_exactly(tmp_path, registry, [blob])
+    ranges = [r.headers.get("range") for r in registry.requests if r.method == "GET"]
+    assert ranges[0] is None
+    assert ranges[-1] == "bytes=1000000-"  # the rest, after what the stalled attempt kept

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -15,6 +16,7 @@ from typing import BinaryIO
 
 import httpx
 import trio
+import trio.testing
 
 from ._digest import Blob, hashed_digest, new_hasher
 from ._exceptions import IntegrityError, LocalFileError, TransferError
@@ -38,6 +40,9 @@ __all__ = ["DownloadResult", "download"]
 _BLOB_HEADERS = {"accept-encoding": "identity"}
 RESUME_THRESHOLD = 64 * 1024 * 1024  # blobs this big keep their partial file for a resume
 READ_SIZE = 1024 * 1024  # bytes read at a time when re-hashing a partial file
+THREADED_SIZE = 16 * 1024 * 1024  # bodies this big are hashed and written on a worker thread
+WORKER_THREADS = 4  # at most this many such threads per download call
+WORKER_QUEUE = 2  # pieces a worker thread may have waiting: what it holds beyond the loop's
 _NO_HARD_LINKS = frozenset(
     {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
 )
@@ -145,6 +150,7 @@ async def download(
             rate_limit=rate_limit,
             max_body_streams=max_body_streams,
         )
+        workers = _worker_threads()
 
         sources = [
             *(session.mirror(url, with_credentials=mirror_credentials) for url in mirror_urls),
@@ -171,6 +177,7 @@ async def download(
                             watch,
                             resumable=resumable,
                             fsync=fsync,
+                            workers=workers,
                         )
                         return
                     except TransferError as exc:
@@ -225,6 +232,7 @@ async def _attempt(
     *,
     resumable: bool,
     fsync: bool,
+    workers: trio.CapacityLimiter | None,
 ) -> None:
     """One GET of ``blob`` from ``session`` (of the rest of it, when part is kept from before)
     streamed into a verified file; a failure rolls its progress back."""
@@ -256,13 +264,89 @@ async def _attempt(
                     counted.set(0)
                 _check_length(blob, partial.have, response)
                 check_announced_digest(response, blob.digest)
-                async for chunk in response.aiter_raw():
-                    partial.write(chunk)
-                    watch.progress(len(chunk))
-                    counted.add(len(chunk))
-                    if transfer.rate_limit is not None:
-                        await transfer.rate_limit.take(len(chunk), watch)
+                big = blob.size - partial.have >= THREADED_SIZE
+                async with _BodyWriter(partial, workers if big else None) as writer:
+                    async for chunk in response.aiter_raw():
+                        await writer.write(chunk)
+                        watch.progress(len(chunk))
+                        counted.add(len(chunk))
+                        if transfer.rate_limit is not None:
+                            await transfer.rate_limit.take(len(chunk), watch)
                 partial.commit(fsync=fsync)
+
+
+def _worker_threads() -> trio.CapacityLimiter | None:
+    """The slots of the worker threads a download call may hash and write big bodies on.
+
+    None under a virtual clock: a worker thread takes real time, and an autojumping
+    :class:`trio.testing.MockClock` jumps ahead while the loop waits for one, which the stall
+    and rate checks would take for a slow peer.
+    """
+    if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        return None
+    return trio.CapacityLimiter(WORKER_THREADS)
+
+
+class _BodyWriter:
+    """Hands a body's pieces to a :class:`_PartialFile`: inline, or, when one of ``workers`` is
+    free, through a short queue to a worker thread, so that hashing and writing run on another
+    core while the event loop receives. Leaving the ``async with`` waits for the thread and
+    raises what it raised.
+    """
+
+    def __init__(self, partial: _PartialFile, workers: trio.CapacityLimiter | None) -> None:
+        self._partial = partial
+        self._workers = workers
+        self._slot: trio.CapacityLimiter | None = None  # workers, once one of them is taken
+        self._pieces: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._room = trio.Semaphore(WORKER_QUEUE)
+        self._done = trio.Event()
+        self._error: BaseException | None = None
+        self._received = partial.have
+
+    async def __aenter__(self) -> _BodyWriter:
+        if self._workers is not None:
+            try:
+                self._workers.acquire_nowait()
+            except trio.WouldBlock:
+                return self
+            self._slot = self._workers
+            token = trio.lowlevel.current_trio_token()
+            trio.lowlevel.start_thread_soon(
+                lambda: self._work(token), lambda _: token.run_sync_soon(self._done.set)
+            )
+        return self
+
+    def _work(self, token: trio.lowlevel.TrioToken) -> None:
+        while (piece := self._pieces.get()) is not None:
+            if self._error is None:
+                try:
+                    self._partial.append(piece)
+                except BaseException as exc:  # raised in the loop's thread; the queue drains
+                    self._error = exc
+            token.run_sync_soon(self._room.release)
+
+    async def write(self, piece: bytes) -> None:
+        """Hash and append ``piece`` (by the time the ``async with`` is left, when threaded)."""
+        if self._slot is None:
+            self._partial.write(piece)
+            return
+        if self._error is not None:
+            raise self._error
+        self._received += len(piece)
+        self._partial.check_fits(self._received)
+        await self._room.acquire()
+        self._pieces.put(piece)
+
+    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if self._slot is None:
+            return
+        self._pieces.put(None)
+        with trio.CancelScope(shield=True):  # the file is the thread's until it is done
+            await self._done.wait()
+        self._slot.release()
+        if kind is None and self._error is not None:
+            raise self._error
 
 
 def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
@@ -357,12 +441,20 @@ class _PartialFile:
         self._hasher = new_hasher(self._blob.digest)
         self.have = 0
 
-    def write(self, chunk: bytes) -> None:
-        """Hash and append ``chunk``; a body that outgrows the blob is refused unwritten."""
-        if self.have + len(chunk) > self._blob.size:
+    def check_fits(self, end: int) -> None:
+        """Refuse a body that would end at byte ``end``, past the blob's size."""
+        if end > self._blob.size:
             raise IntegrityError(
                 f"body is longer than the blob's {self._blob.size} bytes", digest=self._blob.digest
             )
+
+    def write(self, chunk: bytes) -> None:
+        """Hash and append ``chunk``; a body that outgrows the blob is refused unwritten."""
+        self.check_fits(self.have + len(chunk))
+        self.append(chunk)
+
+    def append(self, chunk: bytes) -> None:
+        """Hash and append ``chunk``, which :meth:`check_fits` let through."""
         self._hasher.update(chunk)
         with local_file_errors(self._blob.digest, self._path):
             self._file.write(chunk)

@@ -1,11 +1,13 @@
 """download(): behaviour against the in-process registry, in memory and over loopback."""
 
 import errno
+import functools
 import os
 import resource
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -1150,32 +1152,57 @@ async def test_fsync_flushes_each_blob_and_its_directory(
 # -- big bodies: hashed and written on worker threads ---------------------------------------
 
 
+class Appends:
+    """What hashing and writing pieces looked like: the threads that did it, the most at once,
+    the bytes appended, and appends to a closed file (there must be none). ``hook`` runs in the
+    writing thread before each append."""
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+        self.active = self.peak = self.appended = self.on_closed_file = 0
+        self.hook: Callable[[], object] = lambda: None
+        self.lock = threading.Lock()
+
+    @property
+    def workers(self) -> set[str]:
+        return self.threads - {threading.main_thread().name}
+
+
 @pytest.fixture
-def writer_threads(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Every body is big enough for a worker thread (at most two at once); returns the names
-    of the threads that hashed and wrote pieces."""
+def appends(monkeypatch: pytest.MonkeyPatch) -> Appends:
+    """Every body is big enough for a worker thread, and at most two run at once."""
     monkeypatch.setattr(trio_blobs._download, "THREADED_SIZE", 1)
     monkeypatch.setattr(trio_blobs._download, "WORKER_THREADS", 2)
-    names: set[str] = set()
+    seen = Appends()
     real_append = trio_blobs._download._PartialFile.append
 
     def recording_append(self: trio_blobs._download._PartialFile, piece: bytes) -> None:
-        names.add(threading.current_thread().name)
-        real_append(self, piece)
+        with seen.lock:
+            seen.threads.add(threading.current_thread().name)
+            seen.active += 1
+            seen.peak = max(seen.peak, seen.active)
+        try:
+            seen.hook()
+            seen.on_closed_file += self._file.closed
+            real_append(self, piece)
+            seen.appended += len(piece)
+        finally:
+            with seen.lock:
+                seen.active -= 1
 
     monkeypatch.setattr(trio_blobs._download._PartialFile, "append", recording_append)
-    return names
+    return seen
 
 
 async def test_big_bodies_are_verified_on_worker_threads(
-    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, writer_threads: set[str]
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, appends: Appends
 ) -> None:
     blobs = add_blobs(registry, *[300_000] * 6)
     registry.add_fault(Fault(corrupt=True, times=2))
     registry.add_fault(Fault(truncate_at=100_000, times=2))
     await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
     assert_exactly(tmp_path, registry, blobs)
-    assert writer_threads - {threading.main_thread().name}  # worker threads did write
+    assert appends.workers
     assert len(blob_gets(registry)) == 10  # 4 failed attempts retried
 
 
@@ -1183,17 +1210,17 @@ async def test_under_a_mock_clock_big_bodies_stay_on_the_event_loop(
     registry: Registry,
     client: httpx.AsyncClient,
     tmp_path: Path,
-    writer_threads: set[str],
+    appends: Appends,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     blobs = add_blobs(registry, *[300_000] * 3)
     await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
     assert_exactly(tmp_path, registry, blobs)
-    assert writer_threads == {threading.main_thread().name}
+    assert appends.threads == {threading.main_thread().name}
 
 
 async def test_a_too_long_body_on_a_worker_thread_is_refused(
-    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, writer_threads: set[str]
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, appends: Appends
 ) -> None:
     [blob] = add_blobs(registry, 300_000)
     registry.add_fault(Fault(extra=b"x" * 1_000_000, times=None))
@@ -1216,7 +1243,7 @@ async def test_a_write_error_on_a_worker_thread_is_reported_and_not_retried(
     client: httpx.AsyncClient,
     tmp_path: Path,
     file_size_limit: int,
-    writer_threads: set[str],
+    appends: Appends,
 ) -> None:
     [blob] = add_blobs(registry, 8_000_000)
     seen: list[int] = []
@@ -1231,11 +1258,11 @@ async def test_a_write_error_on_a_worker_thread_is_reported_and_not_retried(
     assert len(blob_gets(registry)) == 1
     assert max(seen) <= 3 * 2**20  # the body was not read on: the 1 MiB pieces in the queue
     assert stored(tmp_path) == set()
-    assert writer_threads - {threading.main_thread().name}  # worker threads did write
+    assert appends.workers
 
 
 async def test_cancelling_with_worker_threads_returns_promptly_and_cleans_up(
-    registry: Registry, tmp_path: Path, writer_threads: set[str]
+    registry: Registry, tmp_path: Path, appends: Appends
 ) -> None:
     blobs = add_blobs(registry, *[500_000] * 4)
     registry.add_fault(Fault(stall_after=200_000, times=None))
@@ -1245,11 +1272,11 @@ async def test_cancelling_with_worker_threads_returns_promptly_and_cleans_up(
             await download(blobs, base_url=base_url, dest_dir=tmp_path)
         assert trio.current_time() - start < 1.0
     assert stored(tmp_path) == set()
-    assert writer_threads - {threading.main_thread().name}  # worker threads did write
+    assert appends.workers
 
 
 async def test_a_stalled_body_on_a_worker_thread_resumes_where_it_stopped(
-    registry: Registry, tmp_path: Path, writer_threads: set[str]
+    registry: Registry, tmp_path: Path, appends: Appends
 ) -> None:
     [blob] = add_blobs(registry, 3_000_000)
     registry.add_fault(Fault(stall_after=1_000_000, times=1))
@@ -1261,3 +1288,91 @@ async def test_a_stalled_body_on_a_worker_thread_resumes_where_it_stopped(
     ranges = [r.headers.get("range") for r in registry.requests if r.method == "GET"]
     assert ranges[0] is None
     assert ranges[-1] == "bytes=1000000-"  # the rest, after what the stalled attempt kept
+
+
+async def test_a_slow_disk_on_a_worker_thread_is_not_taken_for_a_stalled_peer(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, appends: Appends
+) -> None:
+    [blob] = add_blobs(registry, 5 * 2**20)  # five pieces
+    appends.hook = lambda: time.sleep(0.15)
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, stall_timeout=0.1)
+    assert_exactly(tmp_path, registry, [blob])
+    assert len(blob_gets(registry)) == 1
+    assert appends.workers
+
+
+async def test_a_write_error_on_a_worker_thread_outranks_the_body_failing_meanwhile(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    file_size_limit: int,
+    appends: Appends,
+) -> None:
+    [blob] = add_blobs(registry, 300_000)
+    registry.add_fault(Fault(truncate_at=200_000))
+    with pytest.raises(LocalFileError, match=os.strerror(errno.EFBIG)):
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert len(blob_gets(registry)) == 1
+    assert appends.workers
+
+
+async def test_without_threads_to_be_had_big_bodies_are_written_on_the_event_loop(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    appends: Appends,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_thread(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_thread)
+    blobs = add_blobs(registry, *[300_000] * 3)
+    registry.add_fault(Fault(truncate_at=100_000))  # the same task tries again
+    await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert_exactly(tmp_path, registry, blobs)
+    assert appends.threads == {threading.main_thread().name}
+
+
+async def test_worker_threads_are_shared_by_all_downloads_in_a_run(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, appends: Appends
+) -> None:
+    blobs = add_blobs(registry, *[300_000] * 8)
+    appends.hook = lambda: time.sleep(0.02)
+    async with trio.open_nursery() as nursery:
+        for half in (blobs[:4], blobs[4:]):
+            nursery.start_soon(
+                functools.partial(
+                    download, half, base_url=BASE_URL, dest_dir=tmp_path, client=client
+                )
+            )
+    assert_exactly(tmp_path, registry, blobs)
+    assert appends.peak == 2  # WORKER_THREADS, for both calls together
+
+
+async def test_cancelled_mid_write_the_thread_finishes_before_the_file_is_kept(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, appends: Appends
+) -> None:
+    [blob] = add_blobs(registry, 3 * 2**20)
+    registry.add_fault(Fault(stall_after=2 * 2**20))
+    gate = threading.Event()
+    appends.hook = lambda: gate.wait(5) if appends.appended else None  # the second piece waits
+
+    async def open_gate_later() -> None:
+        await trio.sleep(0.3)
+        gate.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_gate_later)
+        with trio.move_on_after(0.1):
+            await download(
+                [blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, resume_threshold=1
+            )
+    assert gate.is_set()  # the cancelled call waited for the thread
+    assert appends.on_closed_file == 0
+    partial = tmp_path / f".{blob.file_name}.partial"
+    assert partial.stat().st_size == appends.appended == 2 * 2**20  # both pieces it had
+
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, resume_threshold=1)
+    assert_exactly(tmp_path, registry, [blob])
+    assert registry.requests[-1].headers["range"] == f"bytes={2 * 2**20}-"

@@ -265,7 +265,7 @@ async def _attempt(
                 _check_length(blob, partial.have, response)
                 check_announced_digest(response, blob.digest)
                 big = blob.size - partial.have >= THREADED_SIZE
-                async with _BodyWriter(partial, workers if big else None) as writer:
+                async with _BodyWriter(partial, workers if big else None, watch) as writer:
                     async for chunk in response.aiter_raw():
                         await writer.write(chunk)
                         watch.progress(len(chunk))
@@ -275,8 +275,12 @@ async def _attempt(
                 partial.commit(fsync=fsync)
 
 
+_WORKERS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trio_blobs.workers")
+
+
 def _worker_threads() -> trio.CapacityLimiter | None:
-    """The slots of the worker threads a download call may hash and write big bodies on.
+    """The slots of the worker threads that big bodies are hashed and written on: at most
+    :data:`WORKER_THREADS` at once per trio run, however many downloads share it.
 
     None under a virtual clock: a worker thread takes real time, and an autojumping
     :class:`trio.testing.MockClock` jumps ahead while the loop waits for one, which the stall
@@ -286,20 +290,30 @@ def _worker_threads() -> trio.CapacityLimiter | None:
     testing = sys.modules.get("trio.testing")
     if testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock):
         return None
-    return trio.CapacityLimiter(WORKER_THREADS)
+    try:
+        return _WORKERS.get()
+    except LookupError:
+        workers = trio.CapacityLimiter(WORKER_THREADS)
+        _WORKERS.set(workers)
+        return workers
 
 
 class _BodyWriter:
     """Hands a body's pieces to a :class:`_PartialFile`: inline, or, when one of ``workers`` is
-    free, through a short queue to a worker thread, so that hashing and writing run on another
-    core while the event loop receives. Leaving the ``async with`` waits for the thread and
-    raises what it raised.
+    free as the body starts, through a short queue to a worker thread, so that hashing and
+    writing run on another core while the event loop receives. Leaving the ``async with``
+    waits for the thread and raises what it raised (not in place of a cancellation).
+
+    Waiting on the thread pauses ``watch``: a slow disk is not the peer's doing.
     """
 
-    def __init__(self, partial: _PartialFile, workers: trio.CapacityLimiter | None) -> None:
+    def __init__(
+        self, partial: _PartialFile, workers: trio.CapacityLimiter | None, watch: Watch
+    ) -> None:
         self._partial = partial
         self._workers = workers
-        self._slot: trio.CapacityLimiter | None = None  # workers, once one of them is taken
+        self._watch = watch
+        self._slot: trio.CapacityLimiter | None = None  # workers, once a thread of theirs runs
         self._pieces: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._room = trio.Semaphore(WORKER_QUEUE)
         self._done = trio.Event()
@@ -307,26 +321,35 @@ class _BodyWriter:
         self._received = partial.have
 
     async def __aenter__(self) -> _BodyWriter:
-        if self._workers is not None:
-            try:
-                self._workers.acquire_nowait()
-            except trio.WouldBlock:
-                return self
-            self._slot = self._workers
-            token = trio.lowlevel.current_trio_token()
+        workers = self._workers
+        if workers is None:
+            return self
+        try:
+            workers.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            return self
+        token = trio.lowlevel.current_trio_token()
+        try:
             trio.lowlevel.start_thread_soon(
-                lambda: self._work(token), lambda _: token.run_sync_soon(self._done.set)
+                lambda: self._work(token),
+                lambda _: token.run_sync_soon(self._done.set),
+                name=f"trio_blobs writer {self._partial.blob.digest}",
             )
+        except RuntimeError:  # no thread to be had (a pids limit, say): the loop does it
+            workers.release_on_behalf_of(self)
+        else:
+            self._slot = workers
         return self
 
     def _work(self, token: trio.lowlevel.TrioToken) -> None:
         while (piece := self._pieces.get()) is not None:
-            if self._error is None:
-                try:
+            try:
+                if self._error is None:
                     self._partial.append(piece)
-                except BaseException as exc:  # raised in the loop's thread; the queue drains
-                    self._error = exc
-            token.run_sync_soon(self._room.release)
+            except BaseException as exc:  # raised in the loop's thread; the queue drains
+                self._error = exc
+            finally:
+                token.run_sync_soon(self._room.release)
 
     async def write(self, piece: bytes) -> None:
         """Hash and append ``piece`` (by the time the ``async with`` is left, when threaded)."""
@@ -337,18 +360,22 @@ class _BodyWriter:
             raise self._error
         self._received += len(piece)
         self._partial.check_fits(self._received)
-        await self._room.acquire()
+        with self._watch.paused():
+            await self._room.acquire()
         self._pieces.put(piece)
 
     async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         if self._slot is None:
             return
-        self._pieces.put(None)
-        with trio.CancelScope(shield=True):  # the file is the thread's until it is done
-            await self._done.wait()
-        self._slot.release()
-        if kind is None and self._error is not None:
-            raise self._error
+        try:
+            self._pieces.put(None)
+            # The file is the thread's until it is done.
+            with self._watch.paused(), trio.CancelScope(shield=True):
+                await self._done.wait()
+        finally:
+            self._slot.release_on_behalf_of(self)
+        if self._error is not None and (kind is None or issubclass(kind, Exception)):
+            raise self._error  # says more than the body failing meanwhile, if it did
 
 
 def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
@@ -383,7 +410,7 @@ class _PartialFile:
     """
 
     def __init__(self, blob: Blob, final: Path, path: Path, file: BinaryIO, keep: bool) -> None:
-        self._blob = blob
+        self.blob = blob
         self._final = final
         self._path = path
         self._file = file
@@ -417,9 +444,9 @@ class _PartialFile:
 
     async def _rehash(self) -> None:
         """Hash what the file holds already (nothing, if it is longer than the blob)."""
-        with local_file_errors(self._blob.digest, self._path):
+        with local_file_errors(self.blob.digest, self._path):
             size = os.fstat(self._file.fileno()).st_size
-            if size > self._blob.size:
+            if size > self.blob.size:
                 self.restart()
                 return
             while self.have < size:
@@ -438,16 +465,16 @@ class _PartialFile:
 
     def restart(self) -> None:
         """Drop what the file holds: the data starts again from its first byte."""
-        with local_file_errors(self._blob.digest, self._path):
+        with local_file_errors(self.blob.digest, self._path):
             self._file.truncate(0)
-        self._hasher = new_hasher(self._blob.digest)
+        self._hasher = new_hasher(self.blob.digest)
         self.have = 0
 
     def check_fits(self, end: int) -> None:
         """Refuse a body that would end at byte ``end``, past the blob's size."""
-        if end > self._blob.size:
+        if end > self.blob.size:
             raise IntegrityError(
-                f"body is longer than the blob's {self._blob.size} bytes", digest=self._blob.digest
+                f"body is longer than the blob's {self.blob.size} bytes", digest=self.blob.digest
             )
 
     def write(self, chunk: bytes) -> None:
@@ -458,14 +485,14 @@ class _PartialFile:
     def append(self, chunk: bytes) -> None:
         """Hash and append ``chunk``, which :meth:`check_fits` let through."""
         self._hasher.update(chunk)
-        with local_file_errors(self._blob.digest, self._path):
+        with local_file_errors(self.blob.digest, self._path):
             self._file.write(chunk)
         self.have += len(chunk)
 
     def commit(self, *, fsync: bool) -> None:
         """Verify size and digest, then give the file its final name (after flushing it and,
         with ``fsync``, its directory to disk)."""
-        blob = self._blob
+        blob = self.blob
         if self.have != blob.size:
             raise IntegrityError(
                 f"body ended after {self.have} of {blob.size} bytes", digest=blob.digest

@@ -22,7 +22,7 @@ import httpx
 import trio
 
 from trio_blobs import Blob
-from trio_blobs._transfer import default_client
+from trio_blobs._session import TransferClient
 
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 10**6}
 DEFAULT_WORKLOADS = ("1000x64KiB", "4x128MiB")
@@ -201,17 +201,10 @@ async def measure(
     concurrency: int, transfer: Callable[[httpx.AsyncClient], Awaitable[object]]
 ) -> Run:
     """Time one transfer through a client like the library's own, counting its requests."""
-    requests = 0
-
-    async def count(request: httpx.Request) -> None:
-        nonlocal requests
-        requests += 1
-
-    async with default_client(concurrency) as client:
-        client.event_hooks["request"].append(count)
+    async with TransferClient(max_idle_connections=concurrency) as client:
         cpu, start = time.process_time(), time.perf_counter()
         await transfer(client)
-        return Run(time.perf_counter() - start, time.process_time() - cpu, requests)
+        return Run(time.perf_counter() - start, time.process_time() - cpu, client.requests)
 
 
 _COLUMNS = (

@@ -1,4 +1,5 @@
-"""Proxies come from the caller's httpx client: a download through a real HTTP proxy."""
+"""Proxies, from the caller's httpx client or the environment: downloads through a real HTTP
+proxy."""
 
 import shutil
 import socket
@@ -62,4 +63,18 @@ async def test_a_download_through_an_http_proxy(
     for blob in blobs:
         assert (tmp_path / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
     # every request reached the registry through the proxy
+    assert all("trio-blobs-test-proxy" in r.headers.get("via", "") for r in registry.requests)
+
+
+async def test_without_a_client_a_proxy_named_by_the_environment_is_used(
+    registry: Registry, tmp_path: Path, tinyproxy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", tinyproxy)
+    blobs = add_blobs(registry, 3, 1000, 100_000)
+    async with registry.serving() as url:
+        result = await download(blobs, base_url=url, dest_dir=tmp_path)
+    assert set(result.downloaded) == {b.digest for b in blobs}
+    assert registry.requests
     assert all("trio-blobs-test-proxy" in r.headers.get("via", "") for r in registry.requests)

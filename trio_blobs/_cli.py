@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
 import trio
 
 from ._auth_provider import RegistryAuth
@@ -61,7 +60,7 @@ from ._manifest import (
     fetch_manifest,
 )
 from ._protocol import check_repository
-from ._transfer import default_client
+from ._session import TransferClient
 from ._upload import upload
 from .testing import Registry
 
@@ -995,35 +994,29 @@ class _Stats:
 class _Remote:
     """What one command's requests share: the client, credentials, limits, progress style."""
 
-    client: httpx.AsyncClient
+    client: TransferClient  # counts the requests sent
     auth: RegistryAuth
     concurrency: int | None
     style: str
-    requests: int = 0
 
 
 @contextlib.asynccontextmanager
 async def _connect(args: argparse.Namespace, base_url: str) -> AsyncIterator[_Remote]:
-    async with default_client(args.concurrency or PULL_CONCURRENCY) as client:
-        remote = _Remote(
+    concurrency = args.concurrency or PULL_CONCURRENCY
+    async with TransferClient(max_idle_connections=concurrency) as client:
+        yield _Remote(
             client,
             RegistryAuth(base_url, args.username, args.password),
             args.concurrency,
             args.style,
         )
 
-        async def count(request: httpx.Request) -> None:
-            remote.requests += 1
-
-        client.event_hooks["request"].append(count)
-        yield remote
-
 
 async def _pull_image(
     remote: _Remote, ref: Reference, layout: _Layout, platform: Platform | None
 ) -> _Stats:
     """Fetch ``ref``'s manifest, download the blobs ``layout`` lacks, store the manifest."""
-    started, requests = time.perf_counter(), remote.requests
+    started, requests = time.perf_counter(), remote.client.requests
     manifest = await fetch_manifest(
         base_url=ref.base_url,
         repository=ref.repository,
@@ -1060,7 +1053,7 @@ async def _pull_image(
         transferred_bytes=size,
         mounted=0,
         seconds=time.perf_counter() - started,
-        requests=remote.requests - requests,
+        requests=remote.client.requests - requests,
     )
 
 
@@ -1089,7 +1082,7 @@ async def _push_image(
             "The image in DIR is incomplete.",
             "pull it again to complete it.",
         )
-    started, requests = time.perf_counter(), remote.requests
+    started, requests = time.perf_counter(), remote.client.requests
     blobs = [Blob(blob.digest, blob.size, mount_from) for blob in manifest.blobs]
     size = sum(blob.size for blob in blobs)
     with (
@@ -1120,7 +1113,7 @@ async def _push_image(
         transferred_bytes=sum(blob.size for blob in blobs if blob.digest in uploaded),
         mounted=len(result.mounted),
         seconds=time.perf_counter() - started,
-        requests=remote.requests - requests,
+        requests=remote.client.requests - requests,
     )
 
 

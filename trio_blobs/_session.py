@@ -7,6 +7,7 @@ This is the one place where httpx errors become :class:`TransferError` and where
 from __future__ import annotations
 
 import logging
+import urllib.request
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -23,6 +24,7 @@ import trio
 
 from ._auth import AuthChallenge, parse_auth_challenge
 from ._exceptions import AuthenticationError, ConnectionFailedError, ProtocolError, TransferError
+from ._http import HTTP1Transport
 from ._monitor import Watch
 from ._protocol import (
     MAX_REDIRECTS,
@@ -106,6 +108,31 @@ class Credentials:
                 self.generation += 1
 
 
+class TransferClient(httpx.AsyncClient):
+    """The client a transfer makes when the caller gives none: no timeouts of its own (the
+    monitor handles stalls), no automatic redirects, and an :class:`HTTP1Transport` that keeps
+    up to ``max_idle_connections`` connections alive at no cost per request.
+
+    A :class:`RegistrySession` hands its requests straight to that transport, past
+    ``httpx.AsyncClient.send``: that saves about 0.13 ms of CPU per request (mostly the cookie
+    jar's), and the session needs nothing it skips (auth flows, redirects, event hooks). Like
+    Go's registry clients, it keeps no cookies. When the environment names a proxy
+    (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``), it is a plain httpx client instead, which
+    takes them and ``NO_PROXY`` as httpx does. ``requests`` counts what sessions sent through it.
+    """
+
+    def __init__(self, *, max_idle_connections: int) -> None:
+        self.requests = 0
+        self.direct: HTTP1Transport | None = None
+        # httpx reads proxies from urllib's view of the environment, and only for a client
+        # without a transport of its own.
+        if any(scheme != "no" for scheme in urllib.request.getproxies()):
+            super().__init__(timeout=None, follow_redirects=False)
+            return
+        self.direct = HTTP1Transport(max_idle_connections=max_idle_connections)
+        super().__init__(timeout=None, follow_redirects=False, transport=self.direct)
+
+
 class RegistrySession:
     """Requests to one repository of one registry, through a caller's or our own client."""
 
@@ -121,6 +148,7 @@ class RegistrySession:
         actions: str = "pull",
     ) -> None:
         self.client = client
+        self._own = client if isinstance(client, TransferClient) else None
         self.base_url = base_url
         self.repository = repository
         self.credentials = credentials
@@ -251,10 +279,7 @@ class RegistrySession:
             self._set_headers(request, send_auth)
             if watch is not None:
                 watch.url = str(url)
-            # The client's own auth flow is never used: credentials are decided here alone.
-            response = await self.client.send(
-                request, stream=True, follow_redirects=False, auth=_NO_AUTH
-            )
+            response = await self._dispatch(request)
             if watch is not None:
                 watch.progress(0)
             status = response.status_code
@@ -279,6 +304,16 @@ class RegistrySession:
             url = location_target(url, response)
             if status == 303:
                 method, body = "GET", None
+
+    async def _dispatch(self, request: httpx.Request) -> httpx.Response:
+        """Send one request; the response's body is still to be read."""
+        own = self._own
+        if own is not None:
+            own.requests += 1
+            if own.direct is not None:
+                return await own.direct.handle_async_request(request)
+        # The client's own auth flow is never used: credentials are decided here alone.
+        return await self.client.send(request, stream=True, follow_redirects=False, auth=_NO_AUTH)
 
     def _set_headers(self, request: httpx.Request, send_auth: bool) -> None:
         """User-Agent, and ``Authorization`` for the registry's origin only: never elsewhere,

@@ -12,11 +12,10 @@ import trio
 
 from ._digest import Blob
 from ._exceptions import LocalFileError, TransferError
-from ._http import HTTP1Transport
 from ._monitor import Monitor, RateHistory, Watch
 from ._protocol import check_base_url, check_int, check_repository
 from ._retry import AttemptBudget, RetryPolicy
-from ._session import CLEANUP_TIMEOUT, Credentials, GetToken, RegistrySession
+from ._session import CLEANUP_TIMEOUT, Credentials, GetToken, RegistrySession, TransferClient
 
 ProgressCallback = Callable[[int, int], object]
 """``progress(completed, total)``, called with byte counts as a transfer advances."""
@@ -297,17 +296,6 @@ def _leaves(exc: BaseException) -> Iterable[BaseException]:
         yield exc
 
 
-def default_client(concurrency: int) -> httpx.AsyncClient:
-    """The client a transfer uses when the caller gives none: no timeouts of its own (the
-    monitor handles stalls), no automatic redirects, and :class:`HTTP1Transport`, which keeps
-    a connection per task in flight alive at no cost per request (see :mod:`._http`)."""
-    return httpx.AsyncClient(
-        timeout=None,
-        follow_redirects=False,
-        transport=HTTP1Transport(max_idle_connections=concurrency),
-    )
-
-
 @asynccontextmanager
 async def open_session(
     *,
@@ -326,7 +314,7 @@ async def open_session(
     check_repository(repository)
     own = None
     if client is None:
-        client = own = default_client(concurrency)
+        client = own = TransferClient(max_idle_connections=concurrency)
     try:
         yield RegistrySession(
             client=client,

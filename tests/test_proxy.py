@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from trio_blobs import download
+from trio_blobs._session import TransferClient
 from trio_blobs.testing import Registry
 
 from ._helpers import add_blobs
@@ -78,3 +79,18 @@ async def test_without_a_client_a_proxy_named_by_the_environment_is_used(
     assert set(result.downloaded) == {b.digest for b in blobs}
     assert registry.requests
     assert all("trio-blobs-test-proxy" in r.headers.get("via", "") for r in registry.requests)
+
+
+@pytest.mark.parametrize(
+    ("name", "direct"),
+    [("HTTPS_PROXY", False), ("all_proxy", False), ("FTP_PROXY", True), ("NO_PROXY", True)],
+)
+async def test_only_proxies_httpx_would_use_turn_the_direct_transport_off(
+    monkeypatch: pytest.MonkeyPatch, name: str, direct: bool
+) -> None:
+    for variable in ("HTTP", "HTTPS", "ALL", "NO", "FTP"):
+        monkeypatch.delenv(f"{variable}_PROXY", raising=False)
+        monkeypatch.delenv(f"{variable.lower()}_proxy", raising=False)
+    monkeypatch.setenv(name, "http://127.0.0.1:3128")
+    async with TransferClient(max_idle_connections=4) as client:
+        assert (client.direct is not None) == direct

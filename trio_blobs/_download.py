@@ -41,7 +41,7 @@ _BLOB_HEADERS = {"accept-encoding": "identity"}
 RESUME_THRESHOLD = 64 * 1024 * 1024  # blobs this big keep their partial file for a resume
 READ_SIZE = 1024 * 1024  # bytes read at a time when re-hashing a partial file
 THREADED_SIZE = 16 * 1024 * 1024  # bodies this big are hashed and written on a worker thread
-WORKER_THREADS = 4  # at most this many such threads per download call
+WORKER_THREADS = 4  # at most this many such threads at once per trio run
 WORKER_QUEUE = 2  # pieces a worker thread may have waiting: what it holds beyond the loop's
 _NO_HARD_LINKS = frozenset(
     {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}

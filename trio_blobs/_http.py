@@ -142,10 +142,10 @@ class _Connection:
 class HTTP1Transport(httpx.AsyncBaseTransport):
     """An httpx transport for trio that speaks HTTP/1.1 (plain or over TLS) with a lean pool.
 
-    ``httpx.AsyncClient(transport=HTTP1Transport())`` is what :func:`download` and
-    :func:`upload` use when given no client; pass it to a client of your own to get the same
-    speed. Connections are opened as needed (bound concurrency yourself, as the transfers
-    do) and at most ``max_idle_connections`` are kept open between requests. ``ssl_context``
+    :func:`download` and :func:`upload` send through one when given no client; pass it to a
+    client of your own (``httpx.AsyncClient(transport=HTTP1Transport())``) for the same speed.
+    Connections are opened as needed (bound concurrency yourself, as the transfers do) and at
+    most ``max_idle_connections`` are kept open between requests. ``ssl_context``
     verifies HTTPS servers (default: ``httpx.create_ssl_context()``, which honours
     ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``). The request's ``timeout`` extension is honoured
     (httpx sets it from the client's ``timeout``). An idempotent request (``GET``, ``PUT``...)

@@ -46,6 +46,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     _VERSION = "0"
 DEFAULT_USER_AGENT = f"trio-blobs/{_VERSION}"
+_PROXY_SCHEMES = frozenset({"http", "https", "all"})  # the environment's proxies httpx uses
 
 Body = bytes | Callable[[], AsyncIterable[bytes]] | None
 """A request body: bytes, or a function that makes a fresh stream each time the request is
@@ -118,16 +119,21 @@ class TransferClient(httpx.AsyncClient):
     jar's), and the session needs nothing it skips (auth flows, redirects, event hooks). Like
     Go's registry clients, it keeps no cookies. When the environment names a proxy
     (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``), it is a plain httpx client instead, which
-    takes them and ``NO_PROXY`` as httpx does. ``requests`` counts what sessions sent through it.
+    takes them and ``NO_PROXY`` as httpx does, through ``send``. ``requests`` counts what
+    sessions sent through it.
     """
 
     def __init__(self, *, max_idle_connections: int) -> None:
         self.requests = 0
         self.direct: HTTP1Transport | None = None
-        # httpx reads proxies from urllib's view of the environment, and only for a client
-        # without a transport of its own.
-        if any(scheme != "no" for scheme in urllib.request.getproxies()):
-            super().__init__(timeout=None, follow_redirects=False)
+        # httpx reads these from urllib's view of the environment, and only for a client
+        # without a transport of its own. No cap on connections: the transfers bound them,
+        # and a request waiting in the pool would look stalled.
+        if _PROXY_SCHEMES & urllib.request.getproxies().keys():
+            limits = httpx.Limits(
+                max_connections=None, max_keepalive_connections=max_idle_connections
+            )
+            super().__init__(timeout=None, follow_redirects=False, limits=limits)
             return
         self.direct = HTTP1Transport(max_idle_connections=max_idle_connections)
         super().__init__(timeout=None, follow_redirects=False, transport=self.direct)

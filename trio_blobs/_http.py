@@ -28,7 +28,7 @@ MIN_READ_SIZE = 64 * 1024  # ... however many bodies are being read
 READ_BUDGET = 16 * 1024 * 1024  # bytes all bodies being read may ask for at once
 HEAD_READ_SIZE = 128 * 1024  # asked for while a head is incomplete: a small body comes along
 MAX_HEAD_SIZE = 64 * 1024  # a response head (or chunk-size line, or trailer) longer is refused
-COALESCE_SIZE = 64 * 1024  # request head and body pieces up to this size go out in one write
+COALESCE_SIZE = 128 * 1024  # request head and body pieces up to this size go out in one write
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 

@@ -67,12 +67,19 @@ async def test_a_download_through_an_http_proxy(
     assert all("trio-blobs-test-proxy" in r.headers.get("via", "") for r in registry.requests)
 
 
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment naming no proxy (nor exceptions), for the test to add its own."""
+    for variable in ("HTTP", "HTTPS", "ALL", "NO", "FTP"):
+        monkeypatch.delenv(f"{variable}_PROXY", raising=False)
+        monkeypatch.delenv(f"{variable.lower()}_proxy", raising=False)
+    return monkeypatch
+
+
 async def test_without_a_client_a_proxy_named_by_the_environment_is_used(
-    registry: Registry, tmp_path: Path, tinyproxy: str, monkeypatch: pytest.MonkeyPatch
+    registry: Registry, tmp_path: Path, tinyproxy: str, no_proxy_env: pytest.MonkeyPatch
 ) -> None:
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", tinyproxy)
+    no_proxy_env.setenv("HTTP_PROXY", tinyproxy)
     blobs = add_blobs(registry, 3, 1000, 100_000)
     async with registry.serving() as url:
         result = await download(blobs, base_url=url, dest_dir=tmp_path)
@@ -86,11 +93,8 @@ async def test_without_a_client_a_proxy_named_by_the_environment_is_used(
     [("HTTPS_PROXY", False), ("all_proxy", False), ("FTP_PROXY", True), ("NO_PROXY", True)],
 )
 async def test_only_proxies_httpx_would_use_turn_the_direct_transport_off(
-    monkeypatch: pytest.MonkeyPatch, name: str, direct: bool
+    no_proxy_env: pytest.MonkeyPatch, name: str, direct: bool
 ) -> None:
-    for variable in ("HTTP", "HTTPS", "ALL", "NO", "FTP"):
-        monkeypatch.delenv(f"{variable}_PROXY", raising=False)
-        monkeypatch.delenv(f"{variable.lower()}_proxy", raising=False)
-    monkeypatch.setenv(name, "http://127.0.0.1:3128")
+    no_proxy_env.setenv(name, "http://127.0.0.1:3128")
     async with TransferClient(max_idle_connections=4) as client:
         assert (client.direct is not None) == direct

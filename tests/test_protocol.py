@@ -51,6 +51,27 @@ def test_location_target_resolves_and_keeps_query(current: str, location: str, t
     assert str(location_target(httpx.URL(current), _redirect(location))) == target
 
 
+@pytest.mark.parametrize(
+    ("location", "target"),
+    [
+        ("/v2/a/blobs/uploads/u", "http://r.test/v2/a/blobs/uploads/u?digest=sha256:0"),
+        ("/u?_state=a%2Bb%3D", "http://r.test/u?_state=a%2Bb%3D&digest=sha256:0"),
+        ("https://s3.test/k?X-Sig=ab%2F#f", "https://s3.test/k?X-Sig=ab%2F&digest=sha256:0#f"),
+        ("/u?", "http://r.test/u?digest=sha256:0"),
+    ],
+)
+def test_location_target_adds_a_query_to_the_location_as_it_is(location: str, target: str) -> None:
+    current = httpx.URL("http://r.test/v2/a/blobs/uploads/")
+    got = location_target(current, _redirect(location, 202), query="digest=sha256:0")
+    assert str(got) == target
+
+
+def test_location_target_adds_a_query_to_the_fallback_too() -> None:
+    fallback = httpx.URL("http://r.test/u?_state=1")
+    got = location_target(fallback, _redirect(None, 202), fallback=fallback, query="digest=d")
+    assert str(got) == "http://r.test/u?_state=1&digest=d"
+
+
 @pytest.mark.parametrize("location", [None, "", "ftp://cdn.test/x", "http://cdn.test/x"])
 def test_location_target_refuses_bad_locations_and_downgrades(location: str | None) -> None:
     with pytest.raises(ProtocolError):

@@ -70,15 +70,10 @@ class Watch:
         self.transferred += nbytes
         self.last_activity = trio.current_time()
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Not judged meanwhile (waiting for a token, say); the stall clock restarts after."""
-        self.pauses += 1
-        try:
-            yield
-        finally:
-            self.pauses -= 1
-            self.progress(0)
+    def paused(self) -> _Pause:
+        """Not judged meanwhile (``with watch.paused():`` waiting for a token, say); the stall
+        clock restarts after."""
+        return _Pause(self)
 
     def trip(self, verdict: str) -> None:
         """Cancel the attempt, recording why."""
@@ -107,6 +102,22 @@ class Watch:
                 url=url,
             )
         return None
+
+
+class _Pause:
+    """See :meth:`Watch.paused` (a class: cheaper than @contextmanager, and used per blob)."""
+
+    __slots__ = ("_watch",)
+
+    def __init__(self, watch: Watch) -> None:
+        self._watch = watch
+
+    def __enter__(self) -> None:
+        self._watch.pauses += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._watch.pauses -= 1
+        self._watch.progress(0)
 
 
 class Monitor:

@@ -59,15 +59,24 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return origin(a) == origin(b)
 
 
+def add_query(reference: str, query: str) -> str:
+    """The URL (or relative reference) ``reference`` with ``query`` added to its query."""
+    rest, hash_mark, fragment = reference.partition("#")
+    joiner = "" if rest.endswith(("?", "&")) else "&" if "?" in rest else "?"
+    return f"{rest}{joiner}{query}{hash_mark}{fragment}"
+
+
 def location_target(
     current: httpx.URL,
     response: httpx.Response,
     *,
     headers: tuple[str, ...] = ("location",),
     fallback: httpx.URL | None = None,
+    query: str | None = None,
 ) -> httpx.URL:
     """Where a response sends the client next (a redirect, an upload session's next place),
-    resolved against ``current``, the URL it answered.
+    resolved against ``current``, the URL it answered; with ``query`` (``name=value``) added to
+    its query, which is otherwise kept as it is.
 
     The first of ``headers`` present counts; without any, ``fallback`` if given. Raises
     :class:`ProtocolError` for a missing or unusable location and for a downgrade from https to
@@ -75,9 +84,16 @@ def location_target(
     """
     location = next((response.headers[h] for h in headers if response.headers.get(h)), None)
     if location is None:
-        if fallback is not None:
+        if fallback is None:
+            raise ProtocolError(
+                f"answer {response.status_code} without a Location", url=str(current)
+            )
+        if query is None:
             return fallback
-        raise ProtocolError(f"answer {response.status_code} without a Location", url=str(current))
+        location = str(fallback)
+    if query is not None:
+        # Added before parsing: an upload session's URL can be long, and each parse costs.
+        location = add_query(location, query)
     try:
         # An absolute Location (the usual kind) parses faster alone than joined.
         absolute = location.startswith(("http://", "https://"))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 
 import httpx
@@ -41,13 +41,23 @@ def check_blobs(blobs: Iterable[Blob]) -> list[Blob]:
     return list(unique.values())
 
 
-@contextmanager
-def local_file_errors(digest: str | None, path: Path) -> Iterator[None]:
+class local_file_errors:  # a class: cheaper than @contextmanager, and used a lot per blob
     """Report an :class:`OSError` on ``path`` as what it is: a local file problem, not retried."""
-    try:
-        yield
-    except OSError as exc:
-        raise LocalFileError(f"{path}: {exc.strerror or exc}", digest=digest) from exc
+
+    __slots__ = ("digest", "path")
+
+    def __init__(self, digest: str | None, path: Path) -> None:
+        self.digest = digest
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
+        if isinstance(exc, OSError):
+            raise LocalFileError(f"{self.path}: {exc.strerror or exc}", digest=self.digest) from exc
 
 
 def check_options(
@@ -88,15 +98,10 @@ class Progress:
         self.total = total
         self.completed = 0
 
-    @contextmanager
-    def attempt(self, blob: Blob) -> Iterator[AttemptProgress]:
-        """Count one attempt's bytes; if it fails (or is cancelled), take them all back."""
-        counted = AttemptProgress(self, blob)
-        try:
-            yield counted
-        except BaseException:
-            counted.set(0)
-            raise
+    def attempt(self, blob: Blob) -> AttemptProgress:
+        """Count one attempt's bytes (``with progress.attempt(blob) as counted``); if it fails
+        (or is cancelled), take them all back."""
+        return AttemptProgress(self, blob)
 
     def done_already(self, blobs: Iterable[Blob]) -> None:
         """Count ``blobs`` as done without moving them (present already): one call for all."""
@@ -153,10 +158,19 @@ class RateLimit:
 class AttemptProgress:
     """The bytes one attempt has reported; see :meth:`Progress.attempt`."""
 
+    __slots__ = ("_blob", "_progress", "value")
+
     def __init__(self, progress: Progress, blob: Blob) -> None:
         self._progress = progress
         self._blob = blob
         self.value = 0
+
+    def __enter__(self) -> AttemptProgress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None:
+            self.set(0)
 
     def set(self, value: int) -> None:
         """This attempt has now moved ``value`` bytes (fewer after a rewind)."""
@@ -193,19 +207,19 @@ class Transfer:
         self.progress = progress
         self.logger = session.logger
 
-    @asynccontextmanager
-    async def body_stream(self, watch: Watch) -> AsyncIterator[None]:
+    def body_stream(self, watch: Watch) -> AbstractAsyncContextManager[None]:
         """Hold one of the ``max_body_streams`` places while a blob body flows (waiting for a
         place is not judged a stall)."""
-        if self._bodies is None:
-            yield
-            return
+        return nullcontext() if self._bodies is None else self._body_place(watch, self._bodies)
+
+    @asynccontextmanager
+    async def _body_place(self, watch: Watch, bodies: trio.CapacityLimiter) -> AsyncIterator[None]:
         with watch.paused():
-            await self._bodies.acquire()
+            await bodies.acquire()
         try:
             yield
         finally:
-            self._bodies.release()
+            bodies.release()
 
     async def run_each(self, blobs: Sequence[Blob], one: Callable[[Blob], Awaitable[None]]) -> None:
         """Run ``one(blob)`` for every blob in parallel, under the monitor.

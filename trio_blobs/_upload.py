@@ -19,7 +19,7 @@ import trio
 from ._digest import Blob, Hasher, hashed_digest, new_hasher
 from ._exceptions import LocalFileError, RegistryError, TransferError
 from ._monitor import Watch
-from ._protocol import TAG_RE, check_announced_digest, check_int, location_target
+from ._protocol import TAG_RE, add_query, check_announced_digest, check_int, location_target
 from ._retry import RetryPolicy
 from ._session import Body, GetToken, RegistrySession
 from ._transfer import (
@@ -207,18 +207,20 @@ def _check_sources(src: Path, blobs: list[Blob]) -> None:
 
 def _with_digest(location: httpx.URL, digest: str) -> httpx.URL:
     """``location`` with ``digest=`` added to its query, which is otherwise kept as it is."""
-    url = str(location)
-    return httpx.URL(f"{url}{'&' if location.query else '?'}digest={digest}")
+    return httpx.URL(add_query(str(location), f"digest={digest}"))
 
 
-def _session_location(response: httpx.Response, current: httpx.URL | None = None) -> httpx.URL:
+def _session_location(
+    response: httpx.Response, current: httpx.URL | None = None, *, digest: str | None = None
+) -> httpx.URL:
     """Where an upload session goes on, from a POST, PATCH or status answer (``current`` when a
-    PATCH answer names no new place)."""
+    PATCH answer names no new place); with ``digest``, the URL that closes it with that digest."""
     return location_target(
         response.request.url,
         response,
         headers=("location", "docker-upload-location"),
         fallback=current,
+        query=None if digest is None else f"digest={digest}",
     )
 
 
@@ -443,8 +445,9 @@ class _Pusher:
                     mounted = await push.run()
                 finally:
                     source.close()
-                    if push.location is not None:
-                        await self._abandon(push.location)
+                    unfinished = push.unfinished()
+                    if unfinished is not None:
+                        await self._abandon(unfinished)
             (self.mounted if mounted else self.uploaded).add(blob.digest)
 
         await self.transfer.with_retries(blob, attempt)
@@ -492,7 +495,8 @@ class _Push:
         self._pusher = pusher
         self._session = pusher._session
         self._source = source
-        self.location: httpx.URL | None = None  # the open session's newest place
+        # The open upload session: its newest place, or the answer that names it.
+        self._open: httpx.URL | httpx.Response | None = None
 
     async def run(self) -> bool:
         """Push the blob; True if the registry mounted it instead."""
@@ -505,24 +509,34 @@ class _Push:
         if started.status_code == 201:
             source.counted.set(blob.size)
             return True
-        location = self.location = _session_location(started)
         chunk_size = self._pusher.chunk_size(blob, started)
-        body: Body = source.body(0, blob.size)
-        if chunk_size is not None:
+        if chunk_size is None:
+            # Parsed once, with the digest: a session's URL can be long, and parsing costs.
+            url = _session_location(started, digest=blob.digest)
+            self._open = started
+            body: Body = source.body(0, blob.size)
+        else:
+            location = self._open = _session_location(started)
             location = await self._send_chunks(location, chunk_size)
             source.verify()
             source.watch.grace = COMMIT_GRACE + blob.size / COMMIT_RATE
-            body = b""
+            url, body = _with_digest(location, blob.digest), b""
         await self._request(
             "PUT",
-            _with_digest(location, blob.digest),
+            url,
             (201,),
             "upload",
             body=body,
             length=0 if chunk_size is not None else blob.size,
         )
-        self.location = None
+        self._open = None
         return False
+
+    def unfinished(self) -> httpx.URL | None:
+        """Where the upload session is that this attempt leaves open, if it does."""
+        if isinstance(self._open, httpx.Response):
+            return _session_location(self._open)
+        return self._open
 
     async def _send_chunks(self, location: httpx.URL, chunk_size: int) -> httpx.URL:
         """PATCH the blob in chunks, each to the session's newest location (returned at the
@@ -551,10 +565,10 @@ class _Push:
                         url=str(location),
                     )
                 status = await self._request("GET", location, (204,), "upload status")
-                location = self.location = _session_location(status, location)
+                location = self._open = _session_location(status, location)
                 offset = _held(status)
             else:
-                location = self.location = _session_location(response, location)
+                location = self._open = _session_location(response, location)
                 offset = end
             source.acknowledge(offset)
         return location

@@ -99,7 +99,8 @@ class Blob:
     @property
     def file_name(self) -> str:
         """The name this blob is stored under in a directory: ``sha256-<hex>``."""
-        return digest_to_path(self.digest)
+        algorithm, _, hex_ = self.digest.partition(":")  # checked when the blob was made
+        return f"{algorithm}-{hex_}"
 
     @classmethod
     def from_bytes(cls, data: bytes, *, algorithm: str = "sha256") -> Blob:

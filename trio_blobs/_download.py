@@ -380,7 +380,6 @@ class _BodyWriter:
 
 def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
     """Reject a response whose headers already say it is not the blob from ``start`` on."""
-    url = str(response.request.url)
     if response.status_code == 206:
         expected = f"bytes {start}-{blob.size - 1}/"
         content_range = response.headers.get("content-range", "").strip()
@@ -388,14 +387,14 @@ def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
             raise IntegrityError(
                 f"asked for bytes {start}- and got {content_range or 'no Content-Range'}",
                 digest=blob.digest,
-                url=url,
+                url=str(response.request.url),
             )
     length = response.headers.get("content-length")
     if length is not None and length.strip() != str(blob.size - start):
         raise IntegrityError(
             f"server announced {length.strip()} bytes, the blob has {blob.size - start} more",
             digest=blob.digest,
-            url=url,
+            url=str(response.request.url),
         )
 
 

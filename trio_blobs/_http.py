@@ -181,7 +181,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             )
         origin = (url.raw_scheme, url.raw_host, url.port or DEFAULT_PORTS[url.raw_scheme])
         timeouts = request.extensions.get("timeout", {})
-        head, length = _request_head(request)
+        head, length, closing = _request_head(request)
         replayable = request.method in IDEMPOTENT and isinstance(request.stream, httpx.ByteStream)
         replaying = False
         while True:
@@ -194,7 +194,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             connection.write_timeout = timeouts.get("write")
             try:
                 response = await _exchange(connection, request, head, length)
-                return _response(self, connection, request, *response)
+                return _response(self, connection, request, closing, *response)
             except _NoResponse as exc:
                 connection.close()
                 if reused and replayable:
@@ -291,11 +291,13 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or str(exc.__cause__ or "") or type(exc).__name__
 
 
-def _request_head(request: httpx.Request) -> tuple[bytes, int | None]:
-    """The request line and headers, and the body's length (None: chunked)."""
+def _request_head(request: httpx.Request) -> tuple[bytes, int | None, bool]:
+    """The request line and headers, the body's length (None: chunked), and whether the
+    request asks to close the connection after it (``Connection: close``)."""
     url = request.url
     lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), url.raw_path)]
     length: int | None = 0
+    closing = False
     for name, value in request.headers.raw:
         if _FORBIDDEN.search(name) or _FORBIDDEN.search(value) or not _TOKEN.fullmatch(name):
             raise httpx.LocalProtocolError(f"invalid header {name!r}", request=request)
@@ -306,9 +308,11 @@ def _request_head(request: httpx.Request) -> tuple[bytes, int | None]:
             length = int(value)
         elif lowered == b"transfer-encoding" and value.lower() == b"chunked":
             length = None
+        elif lowered == b"connection" and value.strip().lower() == b"close":
+            closing = True
         lines.append(b"%s: %s" % (name, value))
     lines.append(b"\r\n")
-    return b"\r\n".join(lines), length
+    return b"\r\n".join(lines), length, closing
 
 
 async def _exchange(
@@ -409,18 +413,20 @@ def _response(
     transport: HTTP1Transport,
     connection: _Connection,
     request: httpx.Request,
+    closing: bool,
     status: int,
     reason: bytes,
     version: bytes,
     headers: list[tuple[bytes, bytes]],
 ) -> httpx.Response:
-    """The response, with a body stream framed as RFC 9112 section 6.3 says."""
+    """The response, with a body stream framed as RFC 9112 section 6.3 says (the connection
+    is not kept if the request was ``closing`` it)."""
     fields: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         fields.setdefault(name.lower(), []).append(value)
     tokens = set(_tokens(fields, b"connection"))
     keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
-    if request.headers.get("connection", "").lower() == "close":
+    if closing:
         keep_alive = False
     codings = _tokens(fields, b"transfer-encoding")
     remaining: int | None  # None: read until the connection ends

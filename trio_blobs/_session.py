@@ -32,6 +32,7 @@ from ._protocol import (
     REDIRECT_STATUSES,
     error_for_response,
     location_target,
+    origin,
     same_origin,
 )
 
@@ -161,6 +162,7 @@ class RegistrySession:
         self._own = client if isinstance(client, TransferClient) else None
         self._direct = self._own.direct if self._own is not None else None
         self.base_url = base_url
+        self._origin = origin(base_url)  # where credentials may go
         self.repository = repository
         self.credentials = credentials
         self.logger = logger
@@ -282,7 +284,7 @@ class RegistrySession:
         hops = 0
         get_token = self.credentials.get_token
         while True:
-            send_auth = same_origin(url, self.base_url)
+            send_auth = origin(url) == self._origin
             generation = self.credentials.generation
             content = body() if callable(body) else body
             if self._direct is not None:  # no client defaults to merge: built directly
@@ -378,6 +380,8 @@ async def _discard(response: httpx.Response) -> None:
 
 
 async def _close(response: httpx.Response) -> None:
+    if response.is_closed:  # read to its end, as most are: nothing to wait for
+        return
     with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
         with suppress(httpx.TransportError):
             await response.aclose()

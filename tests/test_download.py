@@ -5,6 +5,8 @@ import functools
 import os
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -915,11 +917,57 @@ async def test_a_stall_error_names_the_url(
     assert caught.value.url == f"{BASE_URL}/v2/library/_/blobs/{blob.digest}"
 
 
-async def test_partial_files_are_hidden_while_they_grow(
-    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+_KILLED_MID_BLOB = """
+import os, sys, httpx, trio, trio_blobs
+from trio_blobs.testing import Fault, Registry
+
+registry = Registry()
+blob = registry.add_blob(os.urandom(100_000))
+registry.add_fault(Fault(stall_after=50_000, times=None))
+
+def progress(done, total):
+    if done:
+        print(sorted(os.listdir(sys.argv[1])), flush=True)
+
+async def main():
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await trio_blobs.download(
+            [blob], base_url="http://r.test", dest_dir=sys.argv[1], client=client, progress=progress
+        )
+
+trio.run(main)
+"""
+
+
+@pytest.mark.skipif(
+    not trio_blobs._download._UNNAMED_FILES, reason="no O_TMPFILE files on this system"
+)
+def test_a_growing_blob_has_no_name_and_a_killed_download_leaves_nothing(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _KILLED_MID_BLOB, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            seen_while_growing = child.stdout.readline()
+        finally:
+            child.kill()
+    assert seen_while_growing == "[]\n"  # half a blob received, and no file to show for it
+    assert stored(tmp_path) == set()
+
+
+async def test_without_unnamed_files_a_growing_blob_is_a_hidden_file(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    [blob] = add_blobs(registry, 100_000)
-    registry.add_fault(Fault(stall_after=50_000, times=None))
+    real_open = os.open
+
+    def open_without_tmpfile(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")  # as on NFS, say
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_without_tmpfile)
+    [blob, other] = add_blobs(registry, 100_000, 1000)
+    registry.add_fault(Fault(digest=blob.digest, stall_after=50_000, times=None))
     names: set[str] = set()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
@@ -931,6 +979,9 @@ async def test_partial_files_are_hidden_while_they_grow(
     [name] = names
     assert name.startswith(f".{blob.file_name}.")
     assert name.endswith(".partial")
+    assert stored(tmp_path) == set()  # removed when cancelled
+    await download([other], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert_exactly(tmp_path, registry, [other])
 
 
 # -- bodies that do not match their headers -------------------------------------------------

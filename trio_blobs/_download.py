@@ -10,6 +10,7 @@ import queue
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,10 @@ WORKER_QUEUE = 2  # pieces a worker thread may have waiting: what it holds beyon
 _NO_HARD_LINKS = frozenset(
     {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
 )
+# Files with no name until they are linked (O_TMPFILE, Linux): named through /proc/self/fd.
+_UNNAMED_FILES = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+# What open(2) fails with where a filesystem (or an old kernel) has no O_TMPFILE.
+_NO_UNNAMED_FILES = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +86,9 @@ async def download(
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
-    Each blob is streamed into a temporary file beside its final name ``sha256-<hex>``, hashed as
-    it arrives, and renamed only once its size and digest match. A blob whose file already has
+    Each blob is streamed into a file beside its final name ``sha256-<hex>`` (a file with no
+    name yet where the system allows, so that not even a killed process leaves it behind),
+    hashed as it arrives, and given that name only once its size and digest match. A blob whose file already has
     the right size is skipped without a request. At most ``concurrency`` requests are in flight.
     A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it received when
     an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
@@ -399,19 +405,23 @@ def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
 
 
 class _PartialFile:
-    """A blob being written: a hidden file beside its final name, hashed as it grows.
+    """A blob being written: a file beside its final name, hashed as it grows.
 
-    :meth:`commit` renames it to its final name after checking size and digest. A resumable
-    blob's file is ``.sha256-<hex>.partial`` (no finished blob has such a name), locked while in
-    use and kept when an attempt fails for another reason than its content. Other blobs, and a
-    blob whose partial file another download holds, get a private temporary file, always
-    removed unless committed.
+    :meth:`commit` gives it its final name after checking size and digest. A resumable blob's
+    file is ``.sha256-<hex>.partial`` (no finished blob has such a name), locked while in use and
+    kept when an attempt fails for another reason than its content. Other blobs, and a blob whose
+    partial file another download holds, get a file of their own that has no name at all until
+    it is committed (``O_TMPFILE``), so that it vanishes even when the process is killed; where
+    the filesystem has no such files, a hidden temporary file, removed unless committed.
     """
 
-    def __init__(self, blob: Blob, final: Path, path: Path, file: BinaryIO, keep: bool) -> None:
+    def __init__(
+        self, blob: Blob, final: Path, path: Path | None, file: BinaryIO, keep: bool
+    ) -> None:
         self.blob = blob
         self._final = final
-        self._path = path
+        self._path = path  # None: the file has no name yet
+        self._shown = final.parent if path is None else path  # in error messages
         self._file = file
         self._keep = keep
         self._hasher = new_hasher(blob.digest)
@@ -438,12 +448,15 @@ class _PartialFile:
                         file.close()
                         raise
                     return partial
+            fd = _unnamed_file(dest)
+            if fd is not None:
+                return cls(blob, final, None, os.fdopen(fd, "w+b"), keep=False)
             fd, name = tempfile.mkstemp(dir=dest, prefix=f".{blob.file_name}.", suffix=".partial")
         return cls(blob, final, Path(name), os.fdopen(fd, "w+b"), keep=False)
 
     async def _rehash(self) -> None:
         """Hash what the file holds already (nothing, if it is longer than the blob)."""
-        with local_file_errors(self.blob.digest, self._path):
+        with local_file_errors(self.blob.digest, self._shown):
             size = os.fstat(self._file.fileno()).st_size
             if size > self.blob.size:
                 self.restart()
@@ -459,12 +472,14 @@ class _PartialFile:
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         self._file.close()
-        if not self._committed and (not self._keep or (kind and issubclass(kind, IntegrityError))):
+        if self._path is None or self._committed:
+            return
+        if not self._keep or (kind and issubclass(kind, IntegrityError)):
             self._path.unlink(missing_ok=True)
 
     def restart(self) -> None:
         """Drop what the file holds: the data starts again from its first byte."""
-        with local_file_errors(self.blob.digest, self._path):
+        with local_file_errors(self.blob.digest, self._shown):
             self._file.truncate(0)
         self._hasher = new_hasher(self.blob.digest)
         self.have = 0
@@ -484,7 +499,7 @@ class _PartialFile:
     def append(self, chunk: bytes) -> None:
         """Hash and append ``chunk``, which :meth:`check_fits` let through."""
         self._hasher.update(chunk)
-        with local_file_errors(self.blob.digest, self._path):
+        with local_file_errors(self.blob.digest, self._shown):
             self._file.write(chunk)
         self.have += len(chunk)
 
@@ -499,35 +514,66 @@ class _PartialFile:
         actual = hashed_digest(blob.digest, self._hasher)
         if actual != blob.digest:
             raise IntegrityError(f"content has digest {actual}", digest=blob.digest)
-        with local_file_errors(blob.digest, self._path):
+        with local_file_errors(blob.digest, self._shown):
             self._file.flush()
             if fsync:
                 os.fsync(self._file.fileno())
-            _publish(self._path, self._final, blob.size)
+            _publish(self._file, self._path, self._final, blob.size)
             if fsync:
                 _fsync_directory(self._final.parent)
         self._committed = True
 
 
-def _publish(path: Path, final: Path, size: int) -> None:
-    """Give the verified file ``path`` the name ``final``, never replacing a finished blob.
+def _unnamed_file(dest: Path) -> int | None:
+    """A descriptor of a new file in ``dest`` that has no name yet, or None where the system or
+    the filesystem has no such files."""
+    if not _UNNAMED_FILES:
+        return None
+    try:
+        return os.open(dest, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in _NO_UNNAMED_FILES:
+            return None
+        raise
+
+
+def _link(file: BinaryIO, path: Path | None, name: Path) -> None:
+    """Hard-link the file (``path``, or the unnamed ``file`` when None) as ``name``."""
+    if path is not None:
+        os.link(path, name)
+        return
+    # As open(2) shows for O_TMPFILE: linkat through /proc, following the magic link. Python
+    # calls linkat, which can follow it, only when given a directory descriptor; an absolute
+    # path makes linkat ignore it.
+    fd = file.fileno()
+    os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=fd, follow_symlinks=True)
+
+
+def _publish(file: BinaryIO, path: Path | None, final: Path, size: int) -> None:
+    """Give the verified file (``path``, or the unnamed ``file`` when None) the name ``final``,
+    never replacing a finished blob.
 
     A hard link fails if ``final`` exists: another download finished first, and its copy is as
-    good. A leftover of the wrong size is replaced. Where hard links are not supported, an
-    atomic rename does.
+    good. A leftover of the wrong size is replaced (an unnamed file gets a hidden name first).
+    Where hard links are not supported, an atomic rename does (an unnamed file exists only where
+    they are).
     """
     try:
-        os.link(path, final)
+        _link(file, path, final)
     except FileExistsError:
         if final.stat().st_size != size:
+            if path is None:
+                path = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
+                _link(file, None, path)
             os.replace(path, final)
             return
     except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
+        if path is None or exc.errno not in _NO_HARD_LINKS:
             raise
         os.replace(path, final)
         return
-    path.unlink()
+    if path is not None:
+        path.unlink()
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -629,6 +630,15 @@ async def test_download_over_loopback(registry: Registry, tmp_path: Path) -> Non
     assert_exactly(tmp_path, registry, blobs)
 
 
+async def test_own_client_asks_for_no_content_coding(registry: Registry, tmp_path: Path) -> None:
+    [blob] = add_blobs(registry, 1000)
+    async with registry.serving() as base_url:
+        await download([blob], base_url=base_url, dest_dir=tmp_path)
+    [get] = [r for r in registry.requests if r.method == "GET"]
+    assert get.headers["accept-encoding"] == "identity"
+    assert get.headers["user-agent"].startswith("trio-blobs/")
+
+
 async def test_cancel_over_loopback_returns_within_a_second(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -939,10 +949,18 @@ trio.run(main)
 """
 
 
-@pytest.mark.skipif(
-    not trio_blobs._download._UNNAMED_FILES, reason="no O_TMPFILE files on this system"
-)
+def has_unnamed_files(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` with no name (O_TMPFILE)."""
+    fd = trio_blobs._download._unnamed_file(directory)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def test_a_growing_blob_has_no_name_and_a_killed_download_leaves_nothing(tmp_path: Path) -> None:
+    if not has_unnamed_files(tmp_path):
+        pytest.skip("no O_TMPFILE files here")
     with subprocess.Popen(
         [sys.executable, "-c", _KILLED_MID_BLOB, str(tmp_path)], stdout=subprocess.PIPE, text=True
     ) as child:
@@ -953,6 +971,35 @@ def test_a_growing_blob_has_no_name_and_a_killed_download_leaves_nothing(tmp_pat
             child.kill()
     assert seen_while_growing == "[]\n"  # half a blob received, and no file to show for it
     assert stored(tmp_path) == set()
+
+
+async def test_an_unnamed_file_that_cannot_be_linked_is_copied_into_place(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not has_unnamed_files(tmp_path):
+        pytest.skip("no O_TMPFILE files here")
+    real_link = os.link
+
+    def link_without_proc(src: str, dst: str, **kwargs: Any) -> None:
+        if src.startswith("/proc/self/fd/"):  # as on a FUSE filesystem without hard links
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", link_without_proc)
+    blobs = add_blobs(registry, 0, 1000, 300_000)
+    await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, fsync=True)
+    assert_exactly(tmp_path, registry, blobs)
+
+
+async def test_a_directory_under_the_final_name_fails_clearly_and_leaves_nothing(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    (tmp_path / blob.file_name).mkdir()
+    with pytest.raises(LocalFileError, match=blob.file_name):
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert stored(tmp_path) == {blob.file_name}  # the directory, and no hidden copy beside it
+    assert (tmp_path / blob.file_name).is_dir()
 
 
 async def test_without_unnamed_files_a_growing_blob_is_a_hidden_file(

@@ -66,6 +66,13 @@ def test_location_target_adds_a_query_to_the_location_as_it_is(location: str, ta
     assert str(got) == target
 
 
+def test_an_unusable_location_is_named_as_the_registry_sent_it() -> None:
+    current = httpx.URL("http://r.test/v2/a/blobs/uploads/")
+    with pytest.raises(ProtocolError) as caught:
+        location_target(current, _redirect("http://[::1/u", 202), query="digest=sha256:0")
+    assert "'http://[::1/u'" in str(caught.value)
+
+
 def test_location_target_adds_a_query_to_the_fallback_too() -> None:
     fallback = httpx.URL("http://r.test/u?_state=1")
     got = location_target(fallback, _redirect(None, 202), fallback=fallback, query="digest=d")

@@ -10,7 +10,6 @@ import queue
 import shutil
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,18 +85,18 @@ async def download(
 ) -> DownloadResult:
     """Download ``blobs`` from ``repository`` at ``base_url`` into ``dest_dir``, in parallel.
 
-    Each blob is streamed into a file beside its final name ``sha256-<hex>`` (a file with no
-    name yet where the system allows, so that not even a killed process leaves it behind),
-    hashed as it arrives, and given that name only once its size and digest match. A blob whose file already has
-    the right size is skipped without a request. At most ``concurrency`` requests are in flight.
-    A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it received when
-    an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
-    process, re-hashes it and asks only for the rest (``Range``). A finished blob is never
-    rewritten, even by a concurrent download of the same blob. ``rate_limit`` (bytes per second)
-    caps the whole call's rate, smoothly, and ``max_body_streams`` how many blob bodies flow at
-    once (``concurrency`` still bounds the requests in flight). ``fsync=True`` flushes each blob
-    and its directory to disk before the blob counts as done: safe against power loss, slower
-    for many small blobs.
+    Each blob is streamed into a file beside its final name ``sha256-<hex>`` (with no name yet
+    where the system allows, so that not even a killed process leaves it behind), hashed as
+    it arrives, and given that name only once its size and digest match. A blob whose file
+    already has the right size is skipped without a request. At most ``concurrency`` requests are
+    in flight. A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it
+    received when an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later
+    call in any process, re-hashes it and asks only for the rest (``Range``). A finished blob is
+    never rewritten, even by a concurrent download of the same blob. ``rate_limit`` (bytes per
+    second) caps the whole call's rate, smoothly, and ``max_body_streams`` how many blob bodies
+    flow at once (``concurrency`` still bounds the requests in flight). ``fsync=True`` flushes
+    each blob and its directory to disk before the blob counts as done: safe against power loss,
+    slower for many small blobs.
 
     ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
     always followed here, never by httpx, and ``Authorization`` (from ``token``, or from
@@ -421,7 +420,7 @@ class _PartialFile:
         self.blob = blob
         self._final = final
         self._path = path  # None: the file has no name yet
-        self._shown = final.parent if path is None else path  # in error messages
+        self._shown = final if path is None else path  # in error messages
         self._file = file
         self._keep = keep
         self._hasher = new_hasher(blob.digest)
@@ -518,7 +517,7 @@ class _PartialFile:
             self._file.flush()
             if fsync:
                 os.fsync(self._file.fileno())
-            _publish(self._file, self._path, self._final, blob.size)
+            _publish(self._file, self._path, self._final, blob.size, fsync=fsync)
             if fsync:
                 _fsync_directory(self._final.parent)
         self._committed = True
@@ -549,31 +548,60 @@ def _link(file: BinaryIO, path: Path | None, name: Path) -> None:
     os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=fd, follow_symlinks=True)
 
 
-def _publish(file: BinaryIO, path: Path | None, final: Path, size: int) -> None:
+def _publish(file: BinaryIO, path: Path | None, final: Path, size: int, *, fsync: bool) -> None:
     """Give the verified file (``path``, or the unnamed ``file`` when None) the name ``final``,
     never replacing a finished blob.
 
     A hard link fails if ``final`` exists: another download finished first, and its copy is as
-    good. A leftover of the wrong size is replaced (an unnamed file gets a hidden name first).
-    Where hard links are not supported, an atomic rename does (an unnamed file exists only where
-    they are).
+    good. A leftover of the wrong size is replaced: renamed over, or, as an unnamed file has no
+    name to rename, removed before linking again. Where hard links are not supported, an atomic
+    rename does (of a hidden copy, for an unnamed file).
     """
     try:
-        _link(file, path, final)
-    except FileExistsError:
-        if final.stat().st_size != size:
-            if path is None:
-                path = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
-                _link(file, None, path)
+        for _ in range(2):
+            try:
+                _link(file, path, final)
+                break
+            except FileExistsError:
+                if final.stat().st_size == size:
+                    break
+                if path is not None:
+                    os.replace(path, final)
+                    return
+                final.unlink()
+        else:
+            raise FileExistsError(errno.EEXIST, "a file of the wrong size keeps coming back")
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if path is not None:
             os.replace(path, final)
             return
-    except OSError as exc:
-        if path is None or exc.errno not in _NO_HARD_LINKS:
+        copy = _named_copy(file, final, fsync=fsync)  # O_TMPFILE but no linkat: some FUSE
+        try:
+            os.replace(copy, final)
+        except BaseException:
+            copy.unlink(missing_ok=True)
             raise
-        os.replace(path, final)
         return
     if path is not None:
         path.unlink()
+
+
+def _named_copy(file: BinaryIO, final: Path, *, fsync: bool) -> Path:
+    """A hidden copy of the unnamed ``file`` beside ``final``."""
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as copy:
+            file.seek(0)
+            shutil.copyfileobj(file, copy)
+            copy.flush()
+            if fsync:
+                os.fsync(copy.fileno())
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
 
 
 def _fsync_directory(directory: Path) -> None:

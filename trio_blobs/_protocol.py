@@ -91,13 +91,12 @@ def location_target(
         if query is None:
             return fallback
         location = str(fallback)
-    if query is not None:
-        # Added before parsing: an upload session's URL can be long, and each parse costs.
-        location = add_query(location, query)
+    # The query is added before parsing: an upload session's URL can be long, and parsing costs.
+    reference = location if query is None else add_query(location, query)
     try:
         # An absolute Location (the usual kind) parses faster alone than joined.
-        absolute = location.startswith(("http://", "https://"))
-        target = httpx.URL(location) if absolute else current.join(location)
+        absolute = reference.startswith(("http://", "https://"))
+        target = httpx.URL(reference) if absolute else current.join(reference)
     except httpx.InvalidURL as exc:
         raise ProtocolError(f"unusable Location {location!r}", url=str(current)) from exc
     if target.scheme not in ("http", "https") or not target.host:

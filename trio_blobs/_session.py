@@ -288,7 +288,8 @@ class RegistrySession:
             generation = self.credentials.generation
             content = body() if callable(body) else body
             if self._direct is not None:  # no client defaults to merge: built directly
-                fields = dict(headers or {})
+                fields = {"accept-encoding": "identity"}  # no coding the caller must undo
+                fields.update((name.lower(), value) for name, value in (headers or {}).items())
                 self._set_headers(fields, send_auth)
                 request = httpx.Request(method, url, headers=fields, content=content)
             else:

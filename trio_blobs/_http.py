@@ -51,6 +51,7 @@ class _Connection:
     __slots__ = (
         "buffer",
         "origin",
+        "plain",
         "read_timeout",
         "request",
         "reusable",
@@ -63,6 +64,9 @@ class _Connection:
         self.origin = origin
         self.stream = stream
         self.socket = socket
+        # Plain TCP: sent and received straight through the socket, which checkpoints as the
+        # stream would, without the stream's wrappers around every call.
+        self.plain = isinstance(stream, trio.SocketStream)
         self.buffer = b""
         self.request: httpx.Request | None = None  # the request being served, for errors
         self.read_timeout: float | None = None
@@ -82,14 +86,29 @@ class _Connection:
         timeout = self.write_timeout
         try:
             if timeout is None:
-                await self.stream.send_all(data)
+                await self._send_all(data)
             else:
                 with trio.fail_after(timeout):
-                    await self.stream.send_all(data)
+                    await self._send_all(data)
         except trio.TooSlowError as exc:
             raise httpx.WriteTimeout(f"write took over {timeout} s", request=self.request) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.WriteError(_describe(exc), request=self.request) from exc
+
+    async def _send_all(self, data: bytes) -> None:
+        if not self.plain:
+            await self.stream.send_all(data)
+            return
+        sent = await self.socket.send(data)
+        if sent < len(data):
+            with memoryview(data) as view:
+                while sent < len(view):
+                    sent += await self.socket.send(view[sent:])
+
+    async def _receive_some(self, max_bytes: int) -> bytes | bytearray:
+        if self.plain:
+            return await self.socket.recv(max_bytes)
+        return await self.stream.receive_some(max_bytes)
 
     async def receive(self, max_bytes: int) -> bytes:
         """What the buffer holds, else up to ``max_bytes`` from the socket; ``b""`` at its end."""
@@ -100,10 +119,10 @@ class _Connection:
         data: bytes | bytearray
         try:
             if timeout is None:
-                data = await self.stream.receive_some(max_bytes)
+                data = await self._receive_some(max_bytes)
             else:
                 with trio.fail_after(timeout):
-                    data = await self.stream.receive_some(max_bytes)
+                    data = await self._receive_some(max_bytes)
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout(f"read took over {timeout} s", request=self.request) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

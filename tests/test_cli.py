@@ -14,13 +14,14 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import trio
 import trio.testing
 
-from trio_blobs import Blob, IntegrityError, ProtocolError, RetriesExhaustedError, upload
+from trio_blobs import Blob, IntegrityError, ProtocolError, RetriesExhaustedError, _cli, upload
 from trio_blobs._cli import main
 from trio_blobs._digest import compute_digest
 from trio_blobs._manifest import (
@@ -818,6 +819,45 @@ async def test_a_rich_bar_on_a_terminal(served: Served, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "\x1b[" in done.stderr  # drawn with terminal control sequences
     assert "2/2 blobs" in done.stderr
+
+
+def test_the_rich_bar_is_drawn_per_interval_not_per_event(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rich.progress import Progress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    clock = [1000.0]
+    monkeypatch.setattr(_cli, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    draws = []
+    draw = Progress.refresh
+    monkeypatch.setattr(Progress, "refresh", lambda self: draws.append(draw(self)))
+    small = [Blob(compute_digest(b"%d" % i), 1000) for i in range(1000)]
+    big, bigger = Blob(compute_digest(b"big"), 5000), Blob(compute_digest(b"bigger"), 9000)
+
+    progress = _cli._Progress("pull", total=1_014_000, blobs=1002, style="rich")
+    assert progress._bar is not None
+    with progress:
+        drawn_at_start = len(draws)
+        progress.blob(big, 10)
+        clock[0] += 1.5
+        progress.blob(bigger, 20)  # the largest, but in flight for less than a second
+        for i, blob in enumerate(small):  # each in flight, then done, at one instant
+            progress.blob(blob, 1)
+            progress.blob(blob, blob.size)
+            progress((i + 1) * 1000, 1_014_000)
+        assert len(draws) - drawn_at_start <= _cli.LARGEST_SHOWN  # rows added by one sync
+        rows = [task.description.strip() for task in progress._bar.tasks[1:]]
+        assert rows == [big.digest[:19]]
+        clock[0] += 1.0
+        progress.blob(bigger, 30)
+        rows = [task.description.strip() for task in progress._bar.tasks[1:]]
+        assert sorted(rows) == sorted([big.digest[:19], bigger.digest[:19]])
+        progress.blob(big, big.size)
+        progress.blob(bigger, bigger.size)
+    assert not progress._bar.tasks[1:]  # brought up to date on exit: nothing in flight
+    assert progress._bar.tasks[0].fields["blobs"] == "1002/1002 blobs"
+    assert "1002/1002 blobs" in capsys.readouterr().err
 
 
 # -- serve and demo ------------------------------------------------------------------------------

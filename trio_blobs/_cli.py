@@ -76,6 +76,8 @@ PULL_CONCURRENCY = 64
 PUSH_CONCURRENCY = 32
 PLAIN_INTERVAL = 2.0  # seconds between plain progress lines
 LARGEST_SHOWN = 3  # blobs in flight shown below the progress bar
+ROW_AFTER = 1.0  # seconds a blob is in flight before it is shown there
+SYNC_INTERVAL = 0.1  # seconds between updates of the rich bar from the transfer's events
 SAVE_INTERVAL = 1.0  # seconds between saves of `serve --storage`
 CHILD_TIMEOUT = 2.0  # seconds a child registry gets to exit
 INCOMING = ".trio-blobs-incoming"  # an OCI layout's staging directory for downloads
@@ -576,22 +578,28 @@ def _emit_json(args: argparse.Namespace, record: dict[str, object]) -> None:
 
 class _Progress:
     """One transfer's progress on stderr: bytes done and total, speed, ETA, blobs done and
-    total, and the few largest blobs in flight.
+    total, and the few largest blobs that have been in flight for over a second.
 
     A rich bar redrawn in place (style ``rich``), a line every few seconds (``plain``), or
     nothing (``off``). Use it as a context manager; pass it as ``progress=`` and its
     :meth:`blob` as ``blob_progress=``.
+
+    Events only record where the transfer is: the bar is brought up to date at most every
+    :data:`SYNC_INTERVAL` (and on exit), as drawing costs milliseconds and a pull of many
+    small blobs reports thousands of events a second.
     """
 
     def __init__(self, label: str, *, total: int, blobs: int, style: str) -> None:
         self._label = label
         self._blobs = blobs
         self._style = style
-        self._started = self._last_time = time.monotonic()
-        self._last_done = 0
+        self._started = self._last_time = self._next_sync = time.monotonic()
+        self._last_done = self._completed = 0
+        self._total = total
         self._finished: set[str] = set()
-        self._flying: dict[str, tuple[int, int]] = {}  # digest -> (size, bytes so far)
-        self._rows: dict[str, TaskID] = {}  # rich rows of the largest blobs in flight
+        # digest -> (size, bytes so far, when its first bytes were reported)
+        self._flying: dict[str, tuple[int, int, float]] = {}
+        self._rows: dict[str, TaskID] = {}  # rich rows of the blobs shown below the bar
         self._bar: RichProgress | None = None
         if style == "rich":
             from rich.console import Console
@@ -622,42 +630,45 @@ class _Progress:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
+            self._sync(time.monotonic())
             self._bar.stop()
 
     def _count(self) -> str:
         return f"{len(self._finished)}/{self._blobs} blobs"
 
-    def _largest(self) -> list[tuple[str, int, int]]:
-        """Up to three blobs in flight, largest first: (digest, size, bytes so far)."""
-        flying = sorted(self._flying.items(), key=lambda item: -item[1][0])[:LARGEST_SHOWN]
-        return [(digest, size, done) for digest, (size, done) in flying]
+    def _largest(self, now: float) -> list[tuple[str, int, int]]:
+        """Up to three blobs in flight for over :data:`ROW_AFTER`, largest first: (digest,
+        size, bytes so far)."""
+        since = now - ROW_AFTER
+        shown = sorted(
+            (item for item in self._flying.items() if item[1][2] <= since),
+            key=lambda item: -item[1][0],
+        )
+        return [(digest, size, done) for digest, (size, done, _) in shown[:LARGEST_SHOWN]]
 
     def blob(self, blob: Blob, done: int) -> None:
         """``done`` bytes of ``blob`` moved; ``blob.size`` means it is finished."""
+        now = time.monotonic()
         if done >= blob.size:
             self._flying.pop(blob.digest, None)
             self._finished.add(blob.digest)
         else:
             self._finished.discard(blob.digest)
-            self._flying[blob.digest] = (blob.size, done)
-        if self._bar is None:
-            return
-        largest = self._largest()
-        shown = {digest for digest, _, _ in largest}
-        for digest in [d for d in self._rows if d not in shown]:
-            self._bar.remove_task(self._rows.pop(digest))
-        for digest, size, so_far in largest:
-            if digest not in self._rows:
-                self._rows[digest] = self._bar.add_task(f"  {digest[:19]}", total=size, blobs="")
-            self._bar.update(self._rows[digest], completed=so_far)
-        self._bar.update(self._task, blobs=self._count())
+            flying = self._flying.get(blob.digest)
+            self._flying[blob.digest] = (blob.size, done, now if flying is None else flying[2])
+        if self._bar is not None and now >= self._next_sync:
+            self._sync(now)
 
     def __call__(self, completed: int, total: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=completed, total=total)
+        self._completed, self._total = completed, total
+        if self._style == "off":
             return
         now = time.monotonic()
-        if self._style != "plain" or now - self._last_time < PLAIN_INTERVAL:
+        if self._bar is not None:
+            if now >= self._next_sync:
+                self._sync(now)
+            return
+        if now - self._last_time < PLAIN_INTERVAL:
             return
         rate = max(0, completed - self._last_done) / (now - self._last_time)
         average = completed / (now - self._started)
@@ -665,7 +676,7 @@ class _Progress:
         percent = 100 * completed / total if total else 100.0
         flying = ", ".join(
             f"{digest[:19]} {100 * so_far / size:.0f}% of {_size(size)}"
-            for digest, size, so_far in self._largest()
+            for digest, size, so_far in self._largest(now)
         )
         print(
             f"{self._label}: {percent:3.0f}%  {_size(completed)} of {_size(total)}  "
@@ -675,6 +686,24 @@ class _Progress:
             flush=True,
         )
         self._last_time, self._last_done = now, completed
+
+    def _sync(self, now: float) -> None:
+        """Bring the rich bar and its rows up to date with the events recorded so far."""
+        assert self._bar is not None
+        self._next_sync = now + SYNC_INTERVAL
+        shown = {digest: (size, done) for digest, size, done in self._largest(now)}
+        for digest in [d for d in self._rows if d not in shown]:
+            self._bar.remove_task(self._rows.pop(digest))
+        for digest, (size, done) in shown.items():
+            if digest in self._rows:
+                self._bar.update(self._rows[digest], completed=done)
+            else:  # add_task draws the bar at once, so rows change only here
+                self._rows[digest] = self._bar.add_task(
+                    f"  {digest[:19]}", total=size, completed=done, blobs=""
+                )
+        self._bar.update(
+            self._task, completed=self._completed, total=self._total, blobs=self._count()
+        )
 
 
 def _plural(count: int, noun: str) -> str:

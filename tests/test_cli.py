@@ -203,6 +203,21 @@ async def test_pull_into_an_oci_layout_and_again_transfers_nothing(
     )
 
 
+@pytest.mark.parametrize("layout", ["ollama", "oci"])
+async def test_pulled_files_get_the_mode_of_new_files(
+    served: Served, tmp_path: Path, layout: str
+) -> None:
+    store(served.registry, make_image(10, 2000), "org/app", "1.0")
+    umask = os.umask(0o022)
+    try:  # readable by the service that serves the store, as ollama's and skopeo's files are
+        done = await cli("pull", f"{served.url}/org/app:1.0", tmp_path, "--layout", layout)
+    finally:
+        os.umask(umask)
+    assert done.returncode == 0, done.stderr
+    modes = {path.stat().st_mode & 0o777 for path in tmp_path.rglob("*") if path.is_file()}
+    assert modes == {0o644}
+
+
 async def test_a_tag_pulled_again_into_an_oci_layout_replaces_the_image_with_a_warning(
     served: Served, tmp_path: Path
 ) -> None:

@@ -1002,17 +1002,23 @@ async def test_a_directory_under_the_final_name_fails_clearly_and_leaves_nothing
     assert (tmp_path / blob.file_name).is_dir()
 
 
-async def test_without_unnamed_files_a_growing_blob_is_a_hidden_file(
-    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def without_unnamed_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem with no O_TMPFILE, as NFS."""
     real_open = os.open
 
     def open_without_tmpfile(path: str, flags: int, *args: int, **kwargs: int) -> int:
         if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")  # as on NFS, say
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", open_without_tmpfile)
+
+
+@pytest.mark.usefixtures("without_unnamed_files")
+async def test_without_unnamed_files_a_growing_blob_is_a_hidden_file(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     [blob, other] = add_blobs(registry, 100_000, 1000)
     registry.add_fault(Fault(digest=blob.digest, stall_after=50_000, times=None))
     names: set[str] = set()
@@ -1029,6 +1035,27 @@ async def test_without_unnamed_files_a_growing_blob_is_a_hidden_file(
     assert stored(tmp_path) == set()  # removed when cancelled
     await download([other], base_url=BASE_URL, dest_dir=tmp_path, client=client)
     assert_exactly(tmp_path, registry, [other])
+
+
+@pytest.mark.parametrize("unnamed_files", [True, False])
+async def test_blobs_get_the_mode_of_new_files_whichever_way_they_were_written(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    unnamed_files: bool,
+) -> None:
+    if not unnamed_files:
+        request.getfixturevalue("without_unnamed_files")
+    blobs = add_blobs(registry, 1000, 5000)
+    umask = os.umask(0o027)
+    try:  # the second is big enough to be resumable, so it grows under a name of its own
+        await download(
+            blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, resume_threshold=5000
+        )
+    finally:
+        os.umask(umask)
+    assert {(tmp_path / blob.file_name).stat().st_mode & 0o777 for blob in blobs} == {0o640}
 
 
 # -- bodies that do not match their headers -------------------------------------------------

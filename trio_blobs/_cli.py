@@ -37,7 +37,7 @@ import trio
 
 from ._auth_provider import RegistryAuth
 from ._digest import Blob, compute_digest, digest_to_path, path_to_digest
-from ._download import download
+from ._download import download, hidden_file
 from ._exceptions import (
     AuthenticationError,
     ConnectionFailedError,
@@ -726,13 +726,13 @@ def _size(nbytes: float) -> str:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``path`` so that it never exists half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    fd, name = hidden_file(path)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         os.replace(name, path)
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        name.unlink(missing_ok=True)
         raise
 
 

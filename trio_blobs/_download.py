@@ -7,9 +7,9 @@ import fcntl
 import logging
 import os
 import queue
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,8 +450,8 @@ class _PartialFile:
             fd = _unnamed_file(dest)
             if fd is not None:
                 return cls(blob, final, None, os.fdopen(fd, "w+b"), keep=False)
-            fd, name = tempfile.mkstemp(dir=dest, prefix=f".{blob.file_name}.", suffix=".partial")
-        return cls(blob, final, Path(name), os.fdopen(fd, "w+b"), keep=False)
+            fd, path = hidden_file(final)
+        return cls(blob, final, path, os.fdopen(fd, "w+b"), keep=False)
 
     async def _rehash(self) -> None:
         """Hash what the file holds already (nothing, if it is longer than the blob)."""
@@ -529,7 +529,7 @@ def _unnamed_file(dest: Path) -> int | None:
     if not _UNNAMED_FILES:
         return None
     try:
-        return os.open(dest, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        return os.open(dest, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         if exc.errno in _NO_UNNAMED_FILES:
             return None
@@ -590,7 +590,7 @@ def _publish(file: BinaryIO, path: Path | None, final: Path, size: int, *, fsync
 
 def _named_copy(file: BinaryIO, final: Path, *, fsync: bool) -> Path:
     """A hidden copy of the unnamed ``file`` beside ``final``."""
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
+    fd, name = hidden_file(final)
     try:
         with os.fdopen(fd, "wb") as copy:
             file.seek(0)
@@ -601,7 +601,18 @@ def _named_copy(file: BinaryIO, final: Path, *, fsync: bool) -> Path:
     except BaseException:
         os.unlink(name)
         raise
-    return Path(name)
+    return name
+
+
+def hidden_file(final: Path) -> tuple[int, Path]:
+    """A new file beside ``final``, hidden (``.<name>.<random>.partial``) and open for reading
+    and writing, with the mode open(2) gives new files: 0666 less the umask."""
+    while True:
+        path = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial")
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), path
+        except FileExistsError:
+            continue
 
 
 def _fsync_directory(directory: Path) -> None:

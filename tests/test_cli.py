@@ -5,6 +5,7 @@ wrote; plus its parsers (references, platforms, manifests) as pure functions."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import trio
 import trio.testing
 
 from trio_blobs import Blob, IntegrityError, ProtocolError, RetriesExhaustedError, _cli, upload
+from trio_blobs._auth_provider import RegistryAuth
 from trio_blobs._cli import main
 from trio_blobs._digest import compute_digest
 from trio_blobs._manifest import (
@@ -31,6 +33,7 @@ from trio_blobs._manifest import (
     Reference,
     fetch_manifest,
 )
+from trio_blobs._session import TransferClient
 from trio_blobs.testing import Fault, Registry
 
 from ._helpers import BASE_URL
@@ -274,6 +277,34 @@ async def test_a_pull_keeps_to_the_layout_dir_holds(
     assert files(tmp_path) == before
 
 
+@pytest.mark.parametrize("left", [".trio-blobs-incoming/sha256-00.partial", "blobs/sha256/00"])
+async def test_a_pull_into_an_oci_layout_that_an_interrupted_first_pull_left_stays_oci(
+    served: Served, tmp_path: Path, left: str
+) -> None:
+    image = make_image(10, 20)
+    store(served.registry, image, "org/app", "v1")
+    (tmp_path / left).parent.mkdir(parents=True)  # no oci-layout: that comes with the image
+    (tmp_path / left).write_bytes(b"")
+    done = await cli("pull", f"{served.url}/org/app:v1", tmp_path, "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.summary["layout"] == "oci"
+    (tmp_path / left).unlink()
+    if left.startswith(".trio-blobs-incoming"):
+        (tmp_path / left).parent.rmdir()  # kept for the file, which no blob claimed
+    assert_pulled(tmp_path, "oci", image, "v1")
+
+
+async def test_a_pull_into_a_file_fails_before_any_request(served: Served, tmp_path: Path) -> None:
+    store(served.registry, make_image(10), "org/app", "v1")
+    (tmp_path / "file").write_bytes(b"kept")
+    refused = await cli("pull", f"{served.url}/org/app:v1", tmp_path / "file")
+    assert refused.returncode == 1
+    assert f"{tmp_path / 'file'} is not a directory" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert served.registry.requests == []
+    assert (tmp_path / "file").read_bytes() == b"kept"
+
+
 @pytest.mark.parametrize("layout", ["ollama", "oci"])
 async def test_push_from_either_layout(served: Served, tmp_path: Path, layout: str) -> None:
     image = make_image(100, 1_500_000)
@@ -300,6 +331,24 @@ async def test_push_from_either_layout(served: Served, tmp_path: Path, layout: s
     )
     assert served.registry.manifests["more/model"]["v1"][0] == image.manifest
     assert not [name for name in files(tmp_path) if "outgoing" in name]
+
+
+async def test_a_push_of_a_damaged_file_says_how_to_repair_it(
+    served: Served, tmp_path: Path
+) -> None:
+    image = make_image(100, 1000)
+    store(served.registry, image, "library/model", "v1")
+    pulled = await cli("pull", f"{served.url}/library/model:v1", tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    damaged = tmp_path / "blobs" / image.blobs[2].file_name
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])  # the same size
+
+    pushed = await cli("push", tmp_path, f"{served.url}/copies/model:v1")
+    assert pushed.returncode == 1
+    assert f"{damaged} does not match its digest" in pushed.stderr
+    assert "A file in DIR is damaged" in pushed.stderr
+    assert "Try: delete that file, pull the image again, then push." in pushed.stderr
+    assert "copies/model" not in served.registry.manifests
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -601,6 +650,8 @@ async def test_fetch_manifest_checks_the_size_an_index_names(
         ("http://10.0.0.1:80/a/b", "10.0.0.1:80", "a/b", "latest", None, "http"),
         ("http://registry/a", "registry", "a", "latest", None, "http"),
         ("[::1]:5000/a/b", "[::1]:5000", "a/b", "latest", None, "https"),
+        ("docker.io/ubuntu:22.04", "docker.io", "library/ubuntu", "22.04", None, "https"),
+        ("index.docker.io/org/app", "index.docker.io", "org/app", "latest", None, "https"),
     ],
 )
 def test_reference_parse(
@@ -616,6 +667,8 @@ def test_reference_parse(
     )
     assert ref.manifest_ref == (digest or tag)
     assert Reference.parse(f"{scheme}://{ref}") == ref
+    api = "registry-1.docker.io" if registry.endswith("docker.io") else registry
+    assert ref.base_url == f"{scheme}://{api}"
 
 
 @pytest.mark.parametrize(
@@ -678,7 +731,7 @@ async def test_a_missing_tag_is_explained(served: Served, tmp_path: Path) -> Non
         "manifest unknown to registry",
         f"  url: {served.url}/v2/library/model/manifests/v9",
         "  The repository has no manifest with that tag or digest.",
-        "  Try: check the tag (tags are case-sensitive).",
+        "  Try: check the tag (tags are case-sensitive) or the digest.",
     ]
     assert done.summary == {
         "command": "pull",
@@ -731,6 +784,31 @@ def test_an_empty_password_on_stdin_is_a_usage_error(
         main(["pull", "model", "dir", "--username", "alice", "--password-stdin"])
     assert caught.value.code == 2
     assert "error: the password read from stdin is empty" in capsys.readouterr().err
+
+
+async def test_a_pull_says_it_waits_for_a_slow_registry_and_gives_up_after_a_few_stalls(
+    served: Served, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = make_image(10)
+    store(served.registry, image, "org/app", "v1")
+    ref = Reference.parse(f"{served.url}/org/app:v1")
+    monkeypatch.setattr(_cli, "WAIT_NOTICE", 0.2)
+    monkeypatch.setattr(
+        _cli, "fetch_manifest", functools.partial(fetch_manifest, stall_timeout=0.5)
+    )
+    async with TransferClient(max_idle_connections=4) as client:
+        remote = _cli._Remote(client, RegistryAuth(ref.base_url, None, None), None, "off")
+
+        served.registry.add_fault(Fault(path="/manifests/", delay=0.4))
+        manifest = await _cli._fetch_manifest(remote, ref, None)
+        assert manifest.digest == image.digest
+        notice = f"trio-blobs: warning: no answer from {ref.registry} after 0 s; still trying"
+        assert notice in capsys.readouterr().err
+
+        served.registry.add_fault(Fault(path="/manifests/", delay=60, times=None))
+        with pytest.raises(RetriesExhaustedError) as caught:
+            await _cli._fetch_manifest(remote, ref, None)
+        assert caught.value.attempts == _cli.MANIFEST_STALLS
 
 
 async def test_wrong_credentials_are_explained_without_a_traceback(tmp_path: Path) -> None:

@@ -60,8 +60,9 @@ from ._manifest import (
     fetch_manifest,
 )
 from ._protocol import check_repository
+from ._retry import RetryPolicy
 from ._session import TransferClient
-from ._upload import upload
+from ._upload import DAMAGED, upload
 from .testing import Registry
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ ROW_AFTER = 1.0  # seconds a blob is in flight before it is shown there
 SYNC_INTERVAL = 0.1  # seconds between updates of the rich bar from the transfer's events
 SAVE_INTERVAL = 1.0  # seconds between saves of `serve --storage`
 CHILD_TIMEOUT = 2.0  # seconds a child registry gets to exit
+WAIT_NOTICE = 5.0  # seconds without a manifest before a pull says it is waiting
+MANIFEST_STALLS = 3  # stalled manifest requests in a row before a pull gives up
 INCOMING = ".trio-blobs-incoming"  # an OCI layout's staging directory for downloads
 REF_NAME = "org.opencontainers.image.ref.name"
 STORAGE_INDEX = "repositories.json"
@@ -276,10 +279,16 @@ def _parser() -> argparse.ArgumentParser:
         remote,
     )
     demo.add_argument(
-        "--url", type=_url, help="registry to use (default: start an embedded one on loopback)"
+        "--url",
+        type=_url,
+        help="registry to use, where the demo writes trio-blobs/demo:latest (default: start an "
+        "embedded one on loopback)",
     )
     demo.add_argument(
-        "--size", type=_size_arg, default=300 * 10**6, help="model size (default 300MB)"
+        "--size",
+        type=_size_arg,
+        default=300 * 10**6,
+        help="model size (default 300MB; 1.2MB at least)",
     )
     demo.set_defaults(handler=_demo)
     return parser
@@ -455,7 +464,7 @@ def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -
 _REGISTRY_ADVICE = {
     "MANIFEST_UNKNOWN": (
         "The repository has no manifest with that tag or digest.",
-        "check the tag (tags are case-sensitive).",
+        "check the tag (tags are case-sensitive) or the digest.",
     ),
     "NAME_UNKNOWN": (
         "The registry has no repository of that name.",
@@ -542,6 +551,11 @@ def _advice(exc: BaseException) -> tuple[str, str]:
         status = 500 if exc.status >= 500 else exc.status
         return _REGISTRY_ADVICE.get(exc.code or "") or _REGISTRY_ADVICE.get(
             status, ("The registry refused the request.", "run with -v for details.")
+        )
+    if isinstance(exc, LocalFileError) and exc.message.endswith(DAMAGED):
+        return (
+            "A file in DIR is damaged: a pull skips files of the right size without reading them.",
+            "delete that file, pull the image again, then push.",
         )
     for kinds, meaning, hint in _ADVICE:
         if isinstance(exc, kinds):
@@ -739,7 +753,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _has(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
 
 
@@ -936,8 +950,9 @@ _LAYOUTS: dict[str, type[_Layout]] = {"ollama": _OllamaLayout, "oci": _OciLayout
 
 
 def _find_layout(root: Path) -> _Layout | None:
-    """The layout of the image store in ``root``, if there is one."""
-    if (root / "oci-layout").is_file():
+    """The layout of the image store in ``root``, if there is one (an OCI layout's first pull,
+    interrupted, left blobs but no ``oci-layout`` yet)."""
+    if any(path.exists() for path in (root / "oci-layout", root / INCOMING, root / "blobs/sha256")):
         return _OciLayout(root)
     if (root / "manifests").is_dir():
         return _OllamaLayout(root)
@@ -947,6 +962,12 @@ def _find_layout(root: Path) -> _Layout | None:
 def _pull_layout(root: Path, kind: str | None) -> _Layout:
     """Where a pull into ``root`` goes: the store there, which ``kind`` (``--layout``) must
     not contradict, else a new store of ``kind`` (ollama by default)."""
+    if root.exists() and not root.is_dir():
+        raise _Failure(
+            f"{root} is not a directory",
+            "DIR is the directory the image is stored in (made if missing).",
+            "pick another DIR.",
+        )
     found = _find_layout(root)
     if found is None:
         return _LAYOUTS[kind or "ollama"](root)
@@ -1041,19 +1062,46 @@ async def _connect(args: argparse.Namespace, base_url: str) -> AsyncIterator[_Re
         )
 
 
+async def _fetch_manifest(remote: _Remote, ref: Reference, platform: Platform | None) -> Manifest:
+    """``ref``'s manifest. A registry that has not given it after :data:`WAIT_NOTICE` seconds
+    is said to be waited for, and one that stalls :data:`MANIFEST_STALLS` times in a row is
+    given up on (nothing else shows that the command is waiting)."""
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            _warn_after,
+            WAIT_NOTICE,
+            f"no answer from {ref.registry} after {WAIT_NOTICE:.0f} s; still trying (Ctrl-C stops)",
+        )
+        try:
+            manifest = await fetch_manifest(
+                base_url=ref.base_url,
+                repository=ref.repository,
+                reference=ref.manifest_ref,
+                platform=platform,
+                client=remote.client,
+                get_token=remote.auth,
+                retry=RetryPolicy(max_stalls=MANIFEST_STALLS),
+            )
+        except Exception as exc:  # raised outside the nursery, which would wrap it in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return manifest
+
+
+async def _warn_after(seconds: float, text: str) -> None:
+    await trio.sleep(seconds)
+    _warn(text)
+
+
 async def _pull_image(
     remote: _Remote, ref: Reference, layout: _Layout, platform: Platform | None
 ) -> _Stats:
     """Fetch ``ref``'s manifest, download the blobs ``layout`` lacks, store the manifest."""
     started, requests = time.perf_counter(), remote.client.requests
-    manifest = await fetch_manifest(
-        base_url=ref.base_url,
-        repository=ref.repository,
-        reference=ref.manifest_ref,
-        platform=platform,
-        client=remote.client,
-        get_token=remote.auth,
-    )
+    manifest = await _fetch_manifest(remote, ref, platform)
     todo = layout.missing(manifest.blobs)
     size = sum(blob.size for blob in todo)
     style = remote.style if todo else "off"
@@ -1303,7 +1351,8 @@ def _load_storage(registry: Registry, root: Path) -> None:
 async def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="trio-blobs-demo-") as tmp:
         source, pulled = _OllamaLayout(Path(tmp, "source")), _OllamaLayout(Path(tmp, "pulled"))
-        _say(args, f"generating a synthetic model of about {_size(args.size)}")
+        made = sum(nbytes for _, nbytes in _model_shapes(args.size)[1])
+        _say(args, f"generating a synthetic model of {_size(made)}")
         manifest = await _generate_model(source, args.size)
         async with _demo_registry(args.url) as url:
             ref = Reference.parse(f"{url}/{DEMO_REPOSITORY}:latest")

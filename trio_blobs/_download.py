@@ -113,6 +113,9 @@ async def download(
 
     Raises :class:`TransferError` (naming the blob) when a blob cannot be fetched, and
     :class:`ValueError` / :class:`TypeError` for bad arguments, before any I/O.
+
+    ``repository`` defaults to ``library/_``, a placeholder that only the in-process test registry
+    (:mod:`trio_blobs.testing`) accepts: real registries need the repository named.
     """
     todo = check_blobs(blobs)
     check_options(

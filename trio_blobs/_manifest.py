@@ -35,6 +35,8 @@ __all__ = [
 
 DEFAULT_REGISTRY = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
+# Docker Hub's names, and where its registry API is; there too a bare name is in library/.
+_DOCKER_HUB = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
 DEFAULT_TAG = "latest"
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # what registries accept; more is not a manifest
 
@@ -114,7 +116,8 @@ class Reference:
 
         The first component is a registry when it is ``localhost`` or holds a ``.`` or ``:``
         (or an ``http(s)://`` prefix says so); otherwise the registry is ``registry.ollama.ai``,
-        where a bare ``name`` lives in the ``library`` namespace. Without tag or digest the tag
+        where a bare ``name`` lives in the ``library`` namespace, as on Docker Hub
+        (``docker.io``). Without tag or digest the tag
         is ``latest``. The scheme is ``http`` with an ``http://`` prefix or ``insecure``.
         Raises :class:`ValueError` saying what is wrong.
         """
@@ -131,7 +134,7 @@ class Reference:
         name, colon, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
         if not name:
             raise ValueError(f"{text!r} names no repository")
-        if registry == DEFAULT_REGISTRY and "/" not in name:
+        if (registry == DEFAULT_REGISTRY or registry in _DOCKER_HUB) and "/" not in name:
             name = f"{DEFAULT_NAMESPACE}/{name}"
         return cls(
             registry=registry,
@@ -143,8 +146,9 @@ class Reference:
 
     @property
     def base_url(self) -> str:
-        """The registry's base URL, e.g. ``https://registry.ollama.ai``."""
-        return f"{self.scheme}://{self.registry}"
+        """The registry's base URL, e.g. ``https://registry.ollama.ai`` (Docker Hub's API is at
+        ``registry-1.docker.io``)."""
+        return f"{self.scheme}://{_DOCKER_HUB.get(self.registry, self.registry)}"
 
     @property
     def manifest_ref(self) -> str:

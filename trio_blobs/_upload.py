@@ -41,6 +41,7 @@ READ_SIZE = 256 * 1024  # bytes read from a source file at a time
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_THRESHOLD = 1024 * 1024 * 1024
 HEAD_CONCURRENCY = 128
+DAMAGED = "the file changed or is corrupt"  # ends the error for a source not matching its digest
 PROBE_COUNT = 16  # small blobs asked about before the others are taken to be missing too
 SMALL_BLOB = 4 * 1024 * 1024  # pushing such a blob that was there after all costs little
 ABANDON_TIMEOUT = 0.5  # seconds a best-effort DELETE of a failed upload session may take
@@ -104,6 +105,9 @@ async def upload(
     manifest type. Credentials, redirects, retries, stalls and progress work as in
     :func:`download`. Raises :class:`TransferError` (naming the blob or manifest), and
     :class:`ValueError` / :class:`TypeError` for bad arguments before any I/O.
+
+    ``repository`` defaults to ``library/_``, a placeholder that only the in-process test registry
+    (:mod:`trio_blobs.testing`) accepts: real registries need the repository named.
     """
     todo = check_blobs(blobs)
     check_options(
@@ -319,8 +323,7 @@ class _Source:
         actual = hashed_digest(self.blob.digest, hasher)
         if offset != self.blob.size or actual != self.blob.digest:
             raise LocalFileError(
-                f"{self.path} does not match its digest (it hashes to {actual}): "
-                "the file changed or is corrupt",
+                f"{self.path} does not match its digest (it hashes to {actual}): {DAMAGED}",
                 digest=self.blob.digest,
             )
 

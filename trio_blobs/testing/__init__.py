@@ -24,7 +24,7 @@ redirected to another server; it raises :class:`RegistryStartError` when the reg
 installed or does not come up::
 
     async with distribution_registry() as base_url:
-        await trio_blobs.upload(blobs, base_url=base_url, src_dir="blobs")
+        await trio_blobs.upload(blobs, base_url=base_url, repository="org/model", src_dir="blobs")
 """
 
 from ._distribution import (

@@ -92,11 +92,12 @@ async def download(
     in flight. A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it
     received when an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later
     call in any process, re-hashes it and asks only for the rest (``Range``). A finished blob is
-    never rewritten, even by a concurrent download of the same blob. ``rate_limit`` (bytes per
-    second) caps the whole call's rate, smoothly, and ``max_body_streams`` how many blob bodies
-    flow at once (``concurrency`` still bounds the requests in flight). ``fsync=True`` flushes
-    each blob and its directory to disk before the blob counts as done: safe against power loss,
-    slower for many small blobs.
+    never rewritten, even by a concurrent download of the same blob (except on a filesystem
+    without hard links, where that download renames its own verified copy over it, atomically:
+    the name never holds anything else). ``rate_limit`` (bytes per second) caps the whole call's
+    rate, smoothly, and ``max_body_streams`` how many blob bodies flow at once (``concurrency``
+    still bounds the requests in flight). ``fsync=True`` flushes each blob and its directory to
+    disk before the blob counts as done: safe against power loss, slower for many small blobs.
 
     ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
     always followed here, never by httpx, and ``Authorization`` (from ``token``, or from

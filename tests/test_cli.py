@@ -294,6 +294,22 @@ async def test_a_pull_into_an_oci_layout_that_an_interrupted_first_pull_left_sta
     assert_pulled(tmp_path, "oci", image, "v1")
 
 
+async def test_blobs_a_killed_pull_left_finished_in_the_staging_are_not_counted_as_pulled(
+    served: Served, tmp_path: Path
+) -> None:
+    image = make_image(10, 20, 30)
+    store(served.registry, image, "org/app", "v1")
+    left = tmp_path / ".trio-blobs-incoming" / image.blobs[1].file_name
+    left.parent.mkdir()
+    left.write_bytes(image.contents[1])
+    done = await cli("pull", f"{served.url}/org/app:v1", tmp_path, "--json")
+    assert done.returncode == 0, done.stderr
+    fetched = [blob for blob in image.blobs if blob != image.blobs[1]]
+    assert done.summary["transferred"] == len(blob_gets(served.registry)) == len(fetched)
+    assert done.summary["transferred_bytes"] == sum(blob.size for blob in fetched)
+    assert_pulled(tmp_path, "oci", image, "v1")
+
+
 async def test_a_pull_into_a_file_fails_before_any_request(served: Served, tmp_path: Path) -> None:
     store(served.registry, make_image(10), "org/app", "v1")
     (tmp_path / "file").write_bytes(b"kept")

@@ -1109,7 +1109,7 @@ async def _pull_image(
         layout.receiving() as dest,
         _Progress("pull", total=size, blobs=len(todo), style=style) as progress,
     ):
-        await download(
+        result = await download(
             todo,
             base_url=ref.base_url,
             repository=ref.repository,
@@ -1121,13 +1121,14 @@ async def _pull_image(
             get_token=remote.auth,
         )
     stored = layout.store(ref, manifest)
+    fetched = set(result.downloaded)  # not those a killed pull left finished in the staging
     return _Stats(
         digest=manifest.digest,
         stored_digest=stored.digest,
         blobs=len(manifest.blobs),
         bytes=sum(blob.size for blob in manifest.blobs),
-        transferred=len(todo),
-        transferred_bytes=size,
+        transferred=len(fetched),
+        transferred_bytes=sum(blob.size for blob in todo if blob.digest in fetched),
         mounted=0,
         seconds=time.perf_counter() - started,
         requests=remote.client.requests - requests,

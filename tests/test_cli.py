@@ -349,14 +349,16 @@ async def test_push_from_either_layout(served: Served, tmp_path: Path, layout: s
     assert not [name for name in files(tmp_path) if "outgoing" in name]
 
 
+@pytest.mark.parametrize("layout", ["ollama", "oci"])
 async def test_a_push_of_a_damaged_file_says_how_to_repair_it(
-    served: Served, tmp_path: Path
+    served: Served, tmp_path: Path, layout: str
 ) -> None:
     image = make_image(100, 1000)
     store(served.registry, image, "library/model", "v1")
-    pulled = await cli("pull", f"{served.url}/library/model:v1", tmp_path)
+    pulled = await cli("pull", f"{served.url}/library/model:v1", tmp_path, "--layout", layout)
     assert pulled.returncode == 0, pulled.stderr
-    damaged = tmp_path / "blobs" / image.blobs[2].file_name
+    hex_ = image.blobs[2].digest.partition(":")[2]
+    damaged = tmp_path / "blobs" / (f"sha256-{hex_}" if layout == "ollama" else f"sha256/{hex_}")
     damaged.write_bytes(b"x" + damaged.read_bytes()[1:])  # the same size
 
     pushed = await cli("push", tmp_path, f"{served.url}/copies/model:v1")
@@ -930,7 +932,7 @@ async def test_a_rich_bar_on_a_terminal(served: Served, tmp_path: Path) -> None:
     assert "2/2 blobs" in done.stderr
 
 
-def test_the_rich_bar_is_drawn_per_interval_not_per_event(
+def test_the_rich_bar_is_current_but_its_rows_change_once_per_interval(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from rich.progress import Progress
@@ -941,32 +943,40 @@ def test_the_rich_bar_is_drawn_per_interval_not_per_event(
     draws = []
     draw = Progress.refresh
     monkeypatch.setattr(Progress, "refresh", lambda self: draws.append(draw(self)))
-    small = [Blob(compute_digest(b"%d" % i), 1000) for i in range(1000)]
-    big, bigger = Blob(compute_digest(b"big"), 5000), Blob(compute_digest(b"bigger"), 9000)
+    small = [Blob(compute_digest(b"%d" % i), 1000) for i in range(64)]
+    big = Blob(compute_digest(b"big"), 5000)
 
-    progress = _cli._Progress("pull", total=1_014_000, blobs=1002, style="rich")
+    progress = _cli._Progress("pull", total=69_000, blobs=65, style="rich")
     assert progress._bar is not None
+    bar, rows = (
+        progress._bar.tasks[0],
+        lambda: [t.description.strip() for t in progress._bar.tasks[1:]],
+    )
     with progress:
-        drawn_at_start = len(draws)
-        progress.blob(big, 10)
-        clock[0] += 1.5
-        progress.blob(bigger, 20)  # the largest, but in flight for less than a second
-        for i, blob in enumerate(small):  # each in flight, then done, at one instant
+        for blob in small:
             progress.blob(blob, 1)
+        clock[0] += 1.5  # all in flight for over a second, all of one size
+        drawn = len(draws)
+        for i, blob in enumerate(small):  # finishing at one instant, each shown in turn before
             progress.blob(blob, blob.size)
-            progress((i + 1) * 1000, 1_014_000)
-        assert len(draws) - drawn_at_start <= _cli.LARGEST_SHOWN  # rows added by one sync
-        rows = [task.description.strip() for task in progress._bar.tasks[1:]]
-        assert rows == [big.digest[:19]]
-        clock[0] += 1.0
-        progress.blob(bigger, 30)
-        rows = [task.description.strip() for task in progress._bar.tasks[1:]]
-        assert sorted(rows) == sorted([big.digest[:19], bigger.digest[:19]])
+            progress((i + 1) * 1000, 69_000)
+            assert (bar.completed, bar.fields["blobs"]) == ((i + 1) * 1000, f"{i + 1}/65 blobs")
+        assert len(draws) - drawn <= _cli.LARGEST_SHOWN  # rows given by one choice, not per blob
+        assert rows() == []  # the rows of finished blobs go at once
+
+        progress.blob(big, 10)  # the largest, but in flight for less than a second
+        clock[0] += 0.5
+        progress.blob(big, 20)
+        assert rows() == []
+        clock[0] += 0.6
+        progress.blob(big, 30)
+        assert rows() == [big.digest[:19]]
+        assert progress._bar.tasks[1].completed == 30
         progress.blob(big, big.size)
-        progress.blob(bigger, bigger.size)
-    assert not progress._bar.tasks[1:]  # brought up to date on exit: nothing in flight
-    assert progress._bar.tasks[0].fields["blobs"] == "1002/1002 blobs"
-    assert "1002/1002 blobs" in capsys.readouterr().err
+        progress(69_000, 69_000)
+        assert rows() == []
+    assert (bar.completed, bar.fields["blobs"]) == (69_000, "65/65 blobs")
+    assert "65/65 blobs" in capsys.readouterr().err
 
 
 # -- serve and demo ------------------------------------------------------------------------------

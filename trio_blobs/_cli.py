@@ -78,7 +78,7 @@ PUSH_CONCURRENCY = 32
 PLAIN_INTERVAL = 2.0  # seconds between plain progress lines
 LARGEST_SHOWN = 3  # blobs in flight shown below the progress bar
 ROW_AFTER = 1.0  # seconds a blob is in flight before it is shown there
-SYNC_INTERVAL = 0.1  # seconds between updates of the rich bar from the transfer's events
+SYNC_INTERVAL = 0.1  # seconds between choices of the blobs that get rows under the rich bar
 SAVE_INTERVAL = 1.0  # seconds between saves of `serve --storage`
 CHILD_TIMEOUT = 2.0  # seconds a child registry gets to exit
 WAIT_NOTICE = 5.0  # seconds without a manifest before a pull says it is waiting
@@ -598,9 +598,9 @@ class _Progress:
     nothing (``off``). Use it as a context manager; pass it as ``progress=`` and its
     :meth:`blob` as ``blob_progress=``.
 
-    Events only record where the transfer is: the bar is brought up to date at most every
-    :data:`SYNC_INTERVAL` (and on exit), as drawing costs milliseconds and a pull of many
-    small blobs reports thousands of events a second.
+    Events update the bar in place, which costs microseconds; which blobs have rows is decided
+    at most every :data:`SYNC_INTERVAL`, as adding a row draws the whole bar at once (about a
+    millisecond), and a pull of many small blobs reports thousands of events a second.
     """
 
     def __init__(self, label: str, *, total: int, blobs: int, style: str) -> None:
@@ -608,8 +608,7 @@ class _Progress:
         self._blobs = blobs
         self._style = style
         self._started = self._last_time = self._next_sync = time.monotonic()
-        self._last_done = self._completed = 0
-        self._total = total
+        self._last_done = 0
         self._finished: set[str] = set()
         # digest -> (size, bytes so far, when its first bytes were reported)
         self._flying: dict[str, tuple[int, int, float]] = {}
@@ -644,7 +643,6 @@ class _Progress:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
-            self._sync(time.monotonic())
             self._bar.stop()
 
     def _count(self) -> str:
@@ -663,26 +661,31 @@ class _Progress:
     def blob(self, blob: Blob, done: int) -> None:
         """``done`` bytes of ``blob`` moved; ``blob.size`` means it is finished."""
         now = time.monotonic()
-        if done >= blob.size:
+        finished = done >= blob.size
+        if finished:
             self._flying.pop(blob.digest, None)
             self._finished.add(blob.digest)
         else:
             self._finished.discard(blob.digest)
             flying = self._flying.get(blob.digest)
             self._flying[blob.digest] = (blob.size, done, now if flying is None else flying[2])
-        if self._bar is not None and now >= self._next_sync:
+        if self._bar is None:
+            return
+        row = self._rows.get(blob.digest)
+        if row is not None and finished:
+            self._bar.remove_task(self._rows.pop(blob.digest))
+        elif row is not None:
+            self._bar.update(row, completed=done)
+        self._bar.update(self._task, blobs=self._count())
+        if now >= self._next_sync:
             self._sync(now)
 
     def __call__(self, completed: int, total: int) -> None:
-        self._completed, self._total = completed, total
-        if self._style == "off":
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, total=total)
             return
         now = time.monotonic()
-        if self._bar is not None:
-            if now >= self._next_sync:
-                self._sync(now)
-            return
-        if now - self._last_time < PLAIN_INTERVAL:
+        if self._style != "plain" or now - self._last_time < PLAIN_INTERVAL:
             return
         rate = max(0, completed - self._last_done) / (now - self._last_time)
         average = completed / (now - self._started)
@@ -702,22 +705,17 @@ class _Progress:
         self._last_time, self._last_done = now, completed
 
     def _sync(self, now: float) -> None:
-        """Bring the rich bar and its rows up to date with the events recorded so far."""
+        """Give rows to the largest blobs in flight for over a second, in place of others."""
         assert self._bar is not None
         self._next_sync = now + SYNC_INTERVAL
         shown = {digest: (size, done) for digest, size, done in self._largest(now)}
         for digest in [d for d in self._rows if d not in shown]:
             self._bar.remove_task(self._rows.pop(digest))
         for digest, (size, done) in shown.items():
-            if digest in self._rows:
-                self._bar.update(self._rows[digest], completed=done)
-            else:  # add_task draws the bar at once, so rows change only here
+            if digest not in self._rows:  # add_task draws the bar at once: rows change only here
                 self._rows[digest] = self._bar.add_task(
                     f"  {digest[:19]}", total=size, completed=done, blobs=""
                 )
-        self._bar.update(
-            self._task, completed=self._completed, total=self._total, blobs=self._count()
-        )
 
 
 def _plural(count: int, noun: str) -> str:

@@ -323,7 +323,8 @@ class _Source:
         actual = hashed_digest(self.blob.digest, hasher)
         if offset != self.blob.size or actual != self.blob.digest:
             raise LocalFileError(
-                f"{self.path} does not match its digest (it hashes to {actual}): {DAMAGED}",
+                f"{os.path.realpath(self.path)} does not match its digest (it hashes to {actual}): "
+                + DAMAGED,
                 digest=self.blob.digest,
             )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
+import httpx
 import trio
 
 from ._exceptions import SlowTransferError, StallError, TransferError
@@ -60,7 +60,7 @@ class Watch:
         self.cancel_scope = trio.CancelScope()
         self.started = self.last_activity = trio.current_time()
         self.transferred = 0
-        self.url: str | None = None  # the URL last asked for, to name in errors
+        self.url: httpx.URL | None = None  # the URL last asked for, to name in errors
         self.pauses = 0  # while above 0, the attempt waits on something that is not the peer
         self.grace = 0.0  # extra seconds the peer may take: set when it has all it needs
         self.verdict: str | None = None  # "stall" or "slow" once tripped
@@ -86,7 +86,7 @@ class Watch:
         attempt that finished before the cancellation could reach it was not cut off)."""
         if not self.cancel_scope.cancelled_caught:
             return None
-        url = self.url
+        url = None if self.url is None else str(self.url)
         if self.verdict == "stall":
             return StallError(
                 f"no data for {stall_timeout:g} s after {self.transferred} bytes",
@@ -120,6 +120,34 @@ class _Pause:
         self._watch.progress(0)
 
 
+class _Watching:
+    """See :meth:`Monitor.watch` (a class: cheaper than @contextmanager, and used per attempt)."""
+
+    __slots__ = ("_watch", "_watches")
+
+    def __init__(self, watches: set[Watch]) -> None:
+        self._watches = watches
+        self._watch = Watch()
+
+    def __enter__(self) -> Watch:
+        watch = self._watch
+        self._watches.add(watch)
+        try:
+            watch.cancel_scope.__enter__()
+        except BaseException:
+            self._watches.discard(watch)
+            raise
+        return watch
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        try:
+            return self._watch.cancel_scope.__exit__(kind, exc, tb)
+        finally:
+            self._watches.discard(self._watch)
+
+
 class Monitor:
     """Watches attempts; :meth:`run` must be started in a nursery that outlives them."""
 
@@ -129,16 +157,10 @@ class Monitor:
         self._watches: set[Watch] = set()
         self._tick = min(0.5, stall_timeout / 4)
 
-    @contextmanager
-    def watch(self) -> Iterator[Watch]:
-        """Enter a cancel scope that the monitor trips when the attempt stalls or crawls."""
-        watch = Watch()
-        self._watches.add(watch)
-        try:
-            with watch.cancel_scope:
-                yield watch
-        finally:
-            self._watches.discard(watch)
+    def watch(self) -> _Watching:
+        """``with`` it: a cancel scope that the monitor trips when the attempt stalls or
+        crawls, entered around the attempt, and the :class:`Watch` it reports to."""
+        return _Watching(self._watches)
 
     def check(self, now: float) -> None:
         """Trip every watch that is stalled or too slow at time ``now``."""

@@ -190,8 +190,7 @@ class RegistrySession:
         """The URL of ``path`` (e.g. ``blobs/<digest>``) below this repository's API root."""
         return httpx.URL(self._api + path)  # parsing one string costs half of a join
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         method: str,
         url: httpx.URL,
@@ -202,44 +201,16 @@ class RegistrySession:
         headers: Mapping[str, str] | None = None,
         body: Body = None,
         watch: Watch | None = None,
-    ) -> AsyncIterator[httpx.Response]:
-        """Send a request, follow redirects and auth challenges, yield the final response.
+    ) -> _Exchange:
+        """``async with`` it: send a request, follow redirects and auth challenges, and get
+        the final response.
 
         A final status outside ``expect`` raises the matching :class:`TransferError`. httpx errors
         raised here or while the caller reads the body become :class:`ConnectionFailedError`.
         Each response head and token refresh counts as activity on ``watch``. The response is
         closed on exit, shielded from cancellation and bounded in time.
         """
-        response: httpx.Response | None = None
-        try:
-            async with self.credentials.probe(watch):  # one goes first without credentials
-                response, refreshed = await self._send(
-                    method, url, digest=digest, headers=headers, body=body, watch=watch
-                )
-            if response.status_code not in expect:
-                error = error_for_response(
-                    response,
-                    await _read_capped(response),
-                    digest=digest,
-                    what=what,
-                    from_storage=not same_origin(response.request.url, self.base_url),
-                )
-                if isinstance(error, AuthenticationError):
-                    error.message += (
-                        " (the registry refused the new credentials too)"
-                        if refreshed
-                        else " (pass token= or get_token= to authenticate)"
-                    )
-                raise error
-            yield response
-        except httpx.TransportError as exc:
-            failed_url = str(exc.request.url) if _has_request(exc) else str(url)
-            raise ConnectionFailedError(
-                f"{type(exc).__name__}: {_reason(exc)}", digest=digest, url=failed_url
-            ) from exc
-        finally:
-            if response is not None:
-                await _close(response)
+        return _Exchange(self, method, url, expect, digest, what, headers, body, watch)
 
     async def request(
         self,
@@ -296,7 +267,7 @@ class RegistrySession:
                 request = self.client.build_request(method, url, headers=headers, content=content)
                 self._set_headers(request.headers, send_auth)
             if watch is not None:
-                watch.url = str(url)
+                watch.url = url
             response = await self._dispatch(request)
             if watch is not None:
                 watch.progress(0)
@@ -340,6 +311,93 @@ class RegistrySession:
             headers["authorization"] = self.credentials.header
         elif not send_auth:
             headers.pop("authorization", None)
+
+
+class _Exchange:
+    """See :meth:`RegistrySession.stream` (a class: cheaper than @asynccontextmanager, and
+    entered for every request)."""
+
+    __slots__ = (
+        "_body",
+        "_digest",
+        "_expect",
+        "_headers",
+        "_method",
+        "_response",
+        "_session",
+        "_url",
+        "_watch",
+        "_what",
+    )
+
+    def __init__(
+        self,
+        session: RegistrySession,
+        method: str,
+        url: httpx.URL,
+        expect: Collection[int],
+        digest: str | None,
+        what: str,
+        headers: Mapping[str, str] | None,
+        body: Body,
+        watch: Watch | None,
+    ) -> None:
+        self._session = session
+        self._method = method
+        self._url = url
+        self._expect = expect
+        self._digest = digest
+        self._what = what
+        self._headers = headers
+        self._body = body
+        self._watch = watch
+        self._response: httpx.Response | None = None
+
+    async def __aenter__(self) -> httpx.Response:
+        session, watch = self._session, self._watch
+        try:
+            async with session.credentials.probe(watch):  # one goes first without credentials
+                response, refreshed = await session._send(
+                    self._method,
+                    self._url,
+                    digest=self._digest,
+                    headers=self._headers,
+                    body=self._body,
+                    watch=watch,
+                )
+            self._response = response
+            if response.status_code not in self._expect:
+                error = error_for_response(
+                    response,
+                    await _read_capped(response),
+                    digest=self._digest,
+                    what=self._what,
+                    from_storage=not same_origin(response.request.url, session.base_url),
+                )
+                if isinstance(error, AuthenticationError):
+                    error.message += (
+                        " (the registry refused the new credentials too)"
+                        if refreshed
+                        else " (pass token= or get_token= to authenticate)"
+                    )
+                raise error
+            return response
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        try:
+            if isinstance(exc, httpx.TransportError):
+                failed_url = str(exc.request.url) if _has_request(exc) else str(self._url)
+                raise ConnectionFailedError(
+                    f"{type(exc).__name__}: {_reason(exc)}", digest=self._digest, url=failed_url
+                ) from exc
+        finally:
+            if self._response is not None:
+                await _close(self._response)
 
 
 def _reason(exc: BaseException) -> str:

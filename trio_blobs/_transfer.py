@@ -275,8 +275,8 @@ class Transfer:
             except TransferError as exc:
                 if exc.digest is None:
                     exc.digest = blob.digest
-                if exc.url is None and watch is not None:
-                    exc.url = watch.url
+                if exc.url is None and watch is not None and watch.url is not None:
+                    exc.url = str(watch.url)
                 delay = budget.after_failure(exc)
                 self.logger.info(
                     "attempt %d for %s failed, retrying in %.2f s: %s",

@@ -565,6 +565,7 @@ async def test_an_empty_list_returns_at_once(
     ("kwargs", "error", "match"),
     [
         ({"base_url": "registry.test"}, ValueError, "base_url"),
+        ({"base_url": BASE_URL + "/v2/"}, ValueError, "without /v2"),
         ({"repository": "../etc"}, ValueError, "repository"),
         ({"concurrency": 0}, ValueError, "concurrency"),
         ({"stall_timeout": 0}, ValueError, "stall_timeout"),
@@ -594,6 +595,48 @@ async def test_bad_arguments_fail_before_any_request(
         await download(**args)  # type: ignore[arg-type]
     assert registry.requests == []
     assert not (tmp_path / "d").exists()
+
+
+async def test_a_closed_client_is_a_clear_error_before_any_request(
+    registry: Registry, tmp_path: Path
+) -> None:
+    client = httpx.AsyncClient(transport=registry.transport())
+    await client.aclose()
+    blobs = add_blobs(registry, 10, 20)
+    with pytest.raises(ValueError, match="client is closed"):
+        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path / "d", client=client)
+    with pytest.raises(ValueError, match="client is closed"):
+        await trio_blobs.fetch_manifest(
+            base_url=BASE_URL, repository="library/_", reference="v1", client=client
+        )
+    assert registry.requests == []
+    assert not (tmp_path / "d").exists()
+
+
+class Broken(httpx.AsyncBaseTransport):
+    """A transport that fails every request with an error that is not httpx's."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("the transport is broken")
+
+
+async def test_the_same_unexpected_error_from_every_blob_is_raised_once(
+    registry: Registry, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient(transport=Broken()) as client:
+        with pytest.raises(RuntimeError, match="the transport is broken"):
+            await download(
+                add_blobs(registry, 10, 20, 30), base_url=BASE_URL, dest_dir=tmp_path, client=client
+            )
+
+
+async def test_a_rejected_token_is_named_as_such(tmp_path: Path) -> None:
+    registry = Registry(token="s3cret")
+    blobs = add_blobs(registry, 10)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        with pytest.raises(trio_blobs.AuthenticationError, match="refused the token given"):
+            await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, token="no")
+    assert stored(tmp_path) == set()
 
 
 def test_a_malformed_digest_never_becomes_a_blob() -> None:

@@ -100,12 +100,13 @@ async def download(
     disk before the blob counts as done: safe against power loss, slower for many small blobs.
 
     ``client`` is an :class:`httpx.AsyncClient` you own (for proxies, CAs, limits); redirects are
-    always followed here, never by httpx, and ``Authorization`` (from ``token``, or from
-    ``await get_token(challenge)`` after a 401) is only ever sent to ``base_url``'s origin.
-    ``progress(completed, total)`` is called as bytes arrive, and ``blob_progress(blob, done)``
-    with each blob's own count (``blob.size`` once it is done). An attempt that receives nothing
-    for ``stall_timeout`` seconds, or crawls far below recent transfers, is cancelled and retried
-    as ``retry`` (a :class:`RetryPolicy`) allows.
+    always followed here, never by httpx, its ``auth`` is not used, and ``Authorization`` (from
+    ``token``, or from ``await get_token(challenge)`` after a 401) is only ever sent to
+    ``base_url``'s origin. ``progress(completed, total)`` is called as bytes arrive (and with
+    less when an attempt fails), and ``blob_progress(blob, done)`` with each blob's own count
+    (``blob.size`` once it is done). An attempt that receives nothing for ``stall_timeout``
+    seconds, or crawls far below recent transfers, is cancelled and retried as ``retry`` (a
+    :class:`RetryPolicy`) allows.
 
     ``mirrors`` are base URLs (pull-through caches, peer-to-peer mirrors) tried in order before
     the registry for each blob: a miss (404), an error, a stall or content that does not verify
@@ -400,8 +401,10 @@ def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
             )
     length = response.headers.get("content-length")
     if length is not None and length.strip() != str(blob.size - start):
+        rest = f" from byte {start}" if start else ""
         raise IntegrityError(
-            f"server announced {length.strip()} bytes, the blob has {blob.size - start} more",
+            f"server announced {length.strip()} bytes{rest}, where Blob.size {blob.size} "
+            f"leaves {blob.size - start}",
             digest=blob.digest,
             url=str(response.request.url),
         )

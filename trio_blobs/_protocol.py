@@ -46,7 +46,10 @@ def check_base_url(base_url: object) -> httpx.URL:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
-    return url.copy_with(path=url.path.rstrip("/") or "/", query=None, fragment=None)
+    path = url.path.rstrip("/") or "/"
+    if path.endswith("/v2"):
+        raise ValueError(f"base_url is the registry's root, without /v2: got {base_url!r}")
+    return url.copy_with(path=path, query=None, fragment=None)
 
 
 def origin(url: httpx.URL) -> tuple[str, str, int | None]:

@@ -375,11 +375,12 @@ class _Exchange:
                     from_storage=not same_origin(response.request.url, session.base_url),
                 )
                 if isinstance(error, AuthenticationError):
-                    error.message += (
-                        " (the registry refused the new credentials too)"
-                        if refreshed
-                        else " (pass token= or get_token= to authenticate)"
-                    )
+                    if refreshed:
+                        error.message += " (the registry refused the new credentials too)"
+                    elif session.credentials.header:
+                        error.message += " (the registry refused the token given)"
+                    else:
+                        error.message += " (pass token= or get_token= to authenticate)"
                 raise error
             return response
         except BaseException as exc:

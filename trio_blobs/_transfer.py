@@ -18,7 +18,9 @@ from ._retry import AttemptBudget, RetryPolicy
 from ._session import CLEANUP_TIMEOUT, Credentials, GetToken, RegistrySession, TransferClient
 
 ProgressCallback = Callable[[int, int], object]
-"""``progress(completed, total)``, called with byte counts as a transfer advances."""
+"""``progress(completed, total)``, called with byte counts as a transfer advances; back to
+fewer when an attempt fails (the next one counts its bytes again, from what it kept if it
+resumes), ``total`` at the end."""
 
 BlobProgressCallback = Callable[[Blob, int], object]
 """``blob_progress(blob, done)``: bytes of one blob so far; back to fewer when an attempt fails,
@@ -290,14 +292,15 @@ class Transfer:
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """What the caller should see of ``group``: a KeyboardInterrupt if there is one, else its
-    one exception that is not a cancellation, else one ``Cancelled`` if that is all there is;
-    several different failures stay a group."""
+    one exception that is not a cancellation (or the first of several alike: same type and
+    message), else one ``Cancelled`` if that is all there is; several different failures stay
+    a group."""
     leaves = list(_leaves(group))
     for leaf in leaves:
         if isinstance(leaf, KeyboardInterrupt):
             return leaf
     failures = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
-    if len(failures) == 1:
+    if failures and len({(type(leaf), str(leaf)) for leaf in failures}) == 1:
         return failures[0]
     return leaves[0] if not failures else group
 
@@ -326,6 +329,8 @@ async def open_session(
     """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
     url = check_base_url(base_url)
     check_repository(repository)
+    if client is not None and client.is_closed:
+        raise ValueError("client is closed: pass an open httpx.AsyncClient, or none")
     own = None
     if client is None:
         client = own = TransferClient(max_idle_connections=concurrency)

@@ -116,10 +116,9 @@ class Reference:
 
         The first component is a registry when it is ``localhost`` or holds a ``.`` or ``:``
         (or an ``http(s)://`` prefix says so); otherwise the registry is ``registry.ollama.ai``,
-        where a bare ``name`` lives in the ``library`` namespace, as on Docker Hub
-        (``docker.io``). Without tag or digest the tag
-        is ``latest``. The scheme is ``http`` with an ``http://`` prefix or ``insecure``.
-        Raises :class:`ValueError` saying what is wrong.
+        where a bare ``name`` lives in the ``library`` namespace, as on Docker Hub (``docker.io``).
+        Without tag or digest the tag is ``latest``. The scheme is ``http`` with an ``http://``
+        prefix or ``insecure``. Raises :class:`ValueError` saying what is wrong.
         """
         rest = text.strip()
         scheme = None

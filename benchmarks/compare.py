@@ -11,7 +11,8 @@ manifest to a repository of their own. Then it runs every contender once to warm
 round to round. Every run is a process of its own, started after ``os.sync()``, into a fresh
 directory (download) or a fresh repository (upload), and is verified: each downloaded file's
 sha256 must equal its blob's digest; each uploaded blob must answer ``HEAD`` with 200. A run
-that fails or does not verify is reported, never dropped.
+that fails or does not verify is reported, never dropped. Its files are then emptied, not
+deleted, so that no run pays for the deletions of the runs before it (see ``_common.release``).
 
 Contenders (one skipped, with the reason, when its program or package is missing):
 
@@ -65,7 +66,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import trio
-from _common import Workload, registry_url
+from _common import Workload, registry_url, release
 
 import trio_blobs
 from trio_blobs import Blob
@@ -486,7 +487,7 @@ def run_once(
             error = _verify_download(contender, target)
         else:
             error = _verify_upload(target)
-    shutil.rmtree(target.work)
+    release(target.work)
     image = target.image
     total = image.workload.count * image.workload.size
     registry_cpu = None
@@ -743,8 +744,8 @@ def main() -> None:
                     )
                     runs.append(run_once(contender, target, registry_pid, round_, args.timeout))
                     _progress(runs[-1])
-            shutil.rmtree(image.src)
-            shutil.rmtree(image.layout)
+            release(image.src)
+            release(image.layout)
     labels = [w.label for w in args.workloads]
     versions = meta["versions"]
     assert isinstance(versions, dict)

@@ -11,8 +11,10 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +24,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from trio_blobs import Blob
+from trio_blobs import Blob, TransferError
 from trio_blobs._session import TransferClient
 
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 10**6}
@@ -58,11 +60,11 @@ class Workload:
 
     @classmethod
     def parse(cls, text: str) -> Workload:
-        """``1000x64KiB`` -> 1000 blobs of 65536 bytes."""
-        match = re.fullmatch(r"(\d+)x(\d+)([a-zA-Z]*)", text.strip())
+        """``1000x64KiB`` -> 1000 blobs of 65536 bytes (at least one blob of one byte)."""
+        match = re.fullmatch(r"0*([1-9]\d*)x0*([1-9]\d*)([a-zA-Z]*)", text.strip())
         if not match or match[3].lower() not in _UNITS:
             raise argparse.ArgumentTypeError(
-                f"expected COUNTxSIZE such as 1000x64KiB, got {text!r}"
+                f"expected COUNTxSIZE, both above 0, such as 1000x64KiB; got {text!r}"
             )
         return cls(int(match[1]), int(match[2]) * _UNITS[match[3].lower()], text)
 
@@ -85,6 +87,28 @@ class Workload:
         return blobs
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    if not re.fullmatch(r"\s*\+?0*[1-9]\d*\s*", text):
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def _base_url(text: str) -> str:
+    if not re.match(r"https?://", text):
+        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT or https://..., got {text!r}")
+    return text
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, a cancelled CI job) stop a benchmark as Ctrl-C does,
+    so that the registry it started stops and its temporary files go: the handler raises
+    SIGINT, which Python (or trio, inside ``trio.run``) turns into ``KeyboardInterrupt``. SIGINT
+    gets that default back first: a shell starts background jobs with it ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
 def parser(description: str | None) -> argparse.ArgumentParser:
     """The options every benchmark takes."""
     p = argparse.ArgumentParser(
@@ -97,7 +121,9 @@ def parser(description: str | None) -> argparse.ArgumentParser:
         action="append",
         help=f"COUNTxSIZE, repeatable (default: {' and '.join(DEFAULT_WORKLOADS)})",
     )
-    p.add_argument("--url", help="registry base URL (default: start one, see --registry)")
+    p.add_argument(
+        "--url", type=_base_url, help="registry base URL (default: start one, see --registry)"
+    )
     p.add_argument(
         "--registry",
         choices=("embedded", "distribution"),
@@ -105,8 +131,10 @@ def parser(description: str | None) -> argparse.ArgumentParser:
         help="without --url, run the in-process registry (default) or the distribution "
         "registry (docker-registry on PATH)",
     )
-    p.add_argument("--concurrency", type=int, default=None, help="default: the library's")
-    p.add_argument("--runs", type=int, default=3, help="counted runs after a warm-up (default 3)")
+    p.add_argument("--concurrency", type=at_least_one, help="default: the library's")
+    p.add_argument(
+        "--runs", type=at_least_one, default=3, help="counted runs after a warm-up (default 3)"
+    )
     return p
 
 
@@ -180,33 +208,49 @@ def run_benchmark(
     once to warm up and ``--runs`` times more (``fresh`` is a new, absent path each time,
     emptied after: see :func:`release`), and print the median."""
     args = parser(description).parse_args()
+    stop_on_sigterm()
+    if args.url is None and args.registry == "distribution":
+        require_distribution()
     concurrency = args.concurrency or default_concurrency
-    with (
-        tempfile.TemporaryDirectory(prefix="trio-blobs-bench-") as tmp,
-        registry_url(args.url, args.registry) as url,
-    ):
-        root = Path(tmp)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="trio-blobs-bench-") as tmp,
+            registry_url(args.url, args.registry) as url,
+        ):
+            root = Path(tmp)
 
-        async def run() -> None:
-            print_header(f"{action} {url}, concurrency {concurrency}")
-            for index, workload in enumerate(workloads(args)):
-                src = root / f"src{index}"
-                src.mkdir()
-                case = Case(url, index, workload, src, workload.write(src, seed=index), concurrency)
-                await prepare(case)
-                results = []
-                for attempt in range(args.runs + 1):
-                    fresh = root / f"run{index}-{attempt}"
-                    results.append(
-                        await measure(
-                            concurrency, lambda client, c=case, f=fresh: once(c, client, f)
+            async def run() -> None:
+                print_header(f"{action} {url}, concurrency {concurrency}", args.runs)
+                for index, workload in enumerate(workloads(args)):
+                    src = root / f"src{index}"
+                    src.mkdir()
+                    blobs = workload.write(src, seed=index)
+                    case = Case(url, index, workload, src, blobs, concurrency)
+                    await prepare(case)
+                    results = []
+                    for attempt in range(args.runs + 1):
+                        fresh = root / f"run{index}-{attempt}"
+                        results.append(
+                            await measure(
+                                concurrency, lambda client, c=case, f=fresh: once(c, client, f)
+                            )
                         )
-                    )
-                    release(fresh)
-                release(src)
-                print_row(workload, results[1:])
+                        release(fresh)
+                    release(src)
+                    print_row(workload, results[1:])
 
-        trio.run(run)
+            trio.run(run)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except TransferError as exc:
+        raise SystemExit(f"{type(exc).__name__}: {exc}") from None
+
+
+def require_distribution() -> None:
+    """Exit with advice when the distribution registry is not installed."""
+    if shutil.which("docker-registry") is None:
+        raise SystemExit("docker-registry is not on PATH: `apt-get install docker-registry`")
 
 
 @dataclass
@@ -236,13 +280,14 @@ _COLUMNS = (
 )
 
 
-def print_header(title: str) -> None:
-    print(title)
+def print_header(title: str, runs: int) -> None:
+    print(f"{title}; the median of {runs} runs after a warm-up, and the process's peak RSS so far")
     print(" ".join(f"{name:>{width}}" for name, width in _COLUMNS))
 
 
 def print_row(workload: Workload, runs: list[Run]) -> None:
-    """The median run (by wall time) of ``runs``; peak RSS is the process's so far."""
+    """The median run (by wall time; the slower middle one of an even number) of ``runs``, and
+    the process's peak RSS so far."""
     run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
     total = workload.count * workload.size
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -34,7 +34,9 @@ the process and its descendants); and the registry's CPU seconds (utime + stime 
 ``docker-registry serve CONFIG`` whose configuration listens on the registry's port).
 
 The tables give medians of the counted runs; rates come with their ratio to curl's median in
-the same direction and workload. ``--json FILE`` writes every run, warm-ups included.
+the same direction and workload. ``--json FILE`` writes every run, warm-ups included. The exit
+status is 1 when a run failed, and 130 when Ctrl-C or SIGTERM stopped the comparison: the tables
+and ``--json`` then hold the runs that finished.
 """
 
 from __future__ import annotations
@@ -59,19 +61,26 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import trio
-from _common import Workload, registry_url, release
+from _common import (
+    Workload,
+    at_least_one,
+    registry_url,
+    release,
+    require_distribution,
+    stop_on_sigterm,
+)
 
 import trio_blobs
 from trio_blobs import Blob
 
-DEFAULT_WORKLOADS = "1000x64KiB,200x1MiB,4x128MiB"  # W1, W2, W3 of PERFORMANCE.md
+DEFAULT_WORKLOADS = "1000x64KiB,200x1MiB,4x128MiB"  # W1, W2, W3 in README.md
 DIRECTIONS = ("download", "upload")
 CHILD = Path(__file__).resolve().parent / "_contender.py"
 TAG = "latest"
@@ -400,6 +409,12 @@ def _execute(argv: list[str], work: Path, timeout: float) -> _Exit:
             with lock:
                 reaped.set()
                 _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # interrupted: its session does not see the terminal's Ctrl-C
+            with lock:
+                if not reaped.is_set():
+                    os.killpg(process.pid, signal.SIGKILL)
+                    os.waitpid(process.pid, 0)
+            raise
         finally:
             timer.cancel()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
@@ -593,7 +608,7 @@ def report(runs: list[Run], contenders: list[Contender], workloads: list[str], r
         parts.append(
             _table(
                 f"{direction.capitalize()}: peak RSS MB / client CPU ms per blob / "
-                "registry CPU ms per blob (medians)",
+                "registry CPU ms per blob (medians; the registry's CPU counts in 10 ms ticks)",
                 usage,
                 names,
                 workloads,
@@ -658,7 +673,52 @@ def _listing(text: str) -> list[str]:
 
 
 def _workloads(text: str) -> list[Workload]:
-    return [Workload.parse(item) for item in _listing(text)]
+    workloads = [Workload.parse(item) for item in _listing(text)]
+    if not workloads:
+        raise argparse.ArgumentTypeError("expected at least one COUNTxSIZE")
+    return workloads
+
+
+def _choices(allowed: Collection[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated, non-empty selection from ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        chosen = _listing(text)
+        unknown = [item for item in chosen if item not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"expected some of {','.join(sorted(allowed))}, got {text!r}"
+            )
+        return chosen
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _json_path(text: str) -> Path:
+    """Where ``--json`` goes: checked (created empty) before hours of runs, not after."""
+    path = Path(text)
+    try:
+        path.write_text("")
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror}") from None
+    return path
+
+
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -671,18 +731,25 @@ def _parser() -> argparse.ArgumentParser:
         default=_workloads(DEFAULT_WORKLOADS),
         help=f"COUNTxSIZE,... (default {DEFAULT_WORKLOADS})",
     )
-    p.add_argument("--runs", type=int, default=5, help="counted rounds after a warm-up (5)")
+    p.add_argument(
+        "--runs", type=at_least_one, default=5, help="counted rounds after a warm-up (5)"
+    )
     names = sorted({c.name for c in _all_contenders()})
     p.add_argument(
-        "--contenders", type=_listing, default=names, help=f"some of {','.join(names)} (all)"
+        "--contenders", type=_choices(names), default=names, help=f"some of {','.join(names)} (all)"
     )
-    p.add_argument("--directions", type=_listing, default=list(DIRECTIONS), help="(both)")
-    p.add_argument("--parallel", type=int, default=64, help="curl's --parallel-max (64)")
-    p.add_argument("--concurrency", type=int, help="trio_blobs' (default: the library's)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per run (1800)")
+    p.add_argument(
+        "--directions",
+        type=_choices(DIRECTIONS),
+        default=list(DIRECTIONS),
+        help=f"some of {','.join(DIRECTIONS)} (both)",
+    )
+    p.add_argument("--parallel", type=at_least_one, default=64, help="curl's --parallel-max (64)")
+    p.add_argument("--concurrency", type=at_least_one, help="trio_blobs' (default: the library's)")
+    p.add_argument("--timeout", type=_seconds, default=1800, help="seconds per run (1800)")
     p.add_argument("--seed", type=int, default=0, help="of the random blobs (0)")
-    p.add_argument("--json", type=Path, help="write every run and the machine here")
-    p.add_argument("--tmpdir", type=Path, help="for blobs and downloads (default: $TMPDIR)")
+    p.add_argument("--json", type=_json_path, help="write every run and the machine here")
+    p.add_argument("--tmpdir", type=_directory, help="for blobs and downloads (default: $TMPDIR)")
     return p
 
 
@@ -705,11 +772,8 @@ def _scratch(parent: Path | None) -> Iterator[Path]:
 
 def main() -> None:
     args = _parser().parse_args()
-    unknown = set(args.contenders) - {c.name for c in _all_contenders()}
-    if unknown or not set(args.directions) <= set(DIRECTIONS) or args.runs < 1:
-        _parser().error(f"unknown contenders {sorted(unknown)}, bad --directions or --runs")
-    if shutil.which("docker-registry") is None:
-        raise SystemExit("docker-registry is not on PATH: `apt-get install docker-registry`")
+    stop_on_sigterm()
+    require_distribution()
     contenders, skipped = [], []
     for contender in _all_contenders():
         if contender.name in args.contenders and contender.direction in args.directions:
@@ -722,30 +786,37 @@ def main() -> None:
         skipped.append("peak RSS: GNU time not found, so it includes this harness's own RSS")
     for note in skipped:
         print(note, file=sys.stderr)
+    if not contenders:
+        raise SystemExit("nothing to run: every contender chosen was skipped")
     meta = machine()
     runs: list[Run] = []
-    with _scratch(args.tmpdir) as root, registry_url(None, "distribution") as base_url:
-        registry_pid = _registry_pid(base_url)
-        if registry_pid is None:
-            skipped.append("registry CPU: docker-registry process not found in /proc")
-        print(f"registry {base_url} (pid {registry_pid})", file=sys.stderr)
-        for index, workload in enumerate(args.workloads):
-            image = _populate(root, index, workload, base_url, args.seed)
-            for round_ in range(args.runs + 1):
-                shift = round_ % len(contenders) if contenders else 0
-                for contender in contenders[shift:] + contenders[:shift]:
-                    slug = _slug(contender)
-                    repository = image.repository
-                    if contender.direction == "upload":
-                        repository = f"compare/{slug}-w{index}-r{round_}"
-                    work = root / f"run-{slug}-w{index}-r{round_}"
-                    target = Target(
-                        base_url, image, repository, work, args.parallel, args.concurrency
-                    )
-                    runs.append(run_once(contender, target, registry_pid, round_, args.timeout))
-                    _progress(runs[-1])
-            release(image.src)
-            release(image.layout)
+    interrupted = False
+    try:
+        with _scratch(args.tmpdir) as root, registry_url(None, "distribution") as base_url:
+            registry_pid = _registry_pid(base_url)
+            if registry_pid is None:
+                skipped.append("registry CPU: docker-registry process not found in /proc")
+            print(f"registry {base_url} (pid {registry_pid})", file=sys.stderr)
+            for index, workload in enumerate(args.workloads):
+                image = _populate(root, index, workload, base_url, args.seed)
+                for round_ in range(args.runs + 1):
+                    shift = round_ % len(contenders)
+                    for contender in contenders[shift:] + contenders[:shift]:
+                        slug = _slug(contender)
+                        repository = image.repository
+                        if contender.direction == "upload":
+                            repository = f"compare/{slug}-w{index}-r{round_}"
+                        work = root / f"run-{slug}-w{index}-r{round_}"
+                        target = Target(
+                            base_url, image, repository, work, args.parallel, args.concurrency
+                        )
+                        runs.append(run_once(contender, target, registry_pid, round_, args.timeout))
+                        _progress(runs[-1])
+                release(image.src)
+                release(image.layout)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what finished
+        interrupted = True
+        skipped.append(f"interrupted after {len(runs)} runs: the tables have only those")
     labels = [w.label for w in args.workloads]
     versions = meta["versions"]
     assert isinstance(versions, dict)
@@ -764,6 +835,10 @@ def main() -> None:
             "runs": [asdict(run) for run in runs],
         }
         args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    if interrupted:
+        raise SystemExit(130)
+    if not all(run.ok for run in runs):
+        raise SystemExit(1)  # reported above, run by run
 
 
 if __name__ == "__main__":

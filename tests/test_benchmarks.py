@@ -1,0 +1,92 @@
+"""The benchmark scripts as a person runs them: usage errors, a failed run's exit status, and
+SIGTERM leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(
+    script: str, *args: str, tmp: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | {"TMPDIR": str(tmp)},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "says"),
+    [
+        ("download.py", ["--runs", "0"], "--runs: expected a whole number of 1 or more"),
+        ("upload.py", ["-w", "0x64KiB"], "COUNTxSIZE, both above 0"),
+        ("download.py", ["--url", "127.0.0.1:5000"], "--url: expected http://"),
+        ("compare.py", ["--directions", "down"], "expected some of download,upload"),
+        ("compare.py", ["--contenders="], "--contenders: expected some of"),
+        ("compare.py", ["--json", "/nonexistent/runs.json"], "cannot write /nonexistent"),
+        ("compare.py", ["--timeout", "0"], "seconds above 0"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    tmp_path: Path, script: str, args: list[str], says: str
+) -> None:
+    done = _run(script, *args, tmp=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_failed_transfer_is_one_line_and_status_1(tmp_path: Path) -> None:
+    done = _run(
+        "download.py", "--url", "http://127.0.0.1:1", "-w", "2x1KiB", "--runs", "1", tmp=tmp_path
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("RetriesExhaustedError: ")
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_exits_1_when_a_run_fails(tmp_path: Path) -> None:
+    """A run killed by --timeout is reported in the table and makes the exit status 1."""
+    done = _run(
+        "compare.py",
+        *("--contenders", "trio_blobs", "--directions", "download", "--runs", "1"),
+        *("--workloads", "3x1KiB", "--timeout", "0.001"),
+        tmp=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "FAILED: timed out after 0.001 s" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_a_benchmark_and_its_registry(tmp_path: Path) -> None:
+    """SIGTERM, even to a process whose shell ignores SIGINT, ends the run as Ctrl-C does: the
+    registry child stops and the temporary files go."""
+    process = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "download.py"), "-w", "100000x1KiB"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"TMPDIR": str(tmp_path)},
+        # As a shell starts a background job:
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert process.stdout is not None
+    process.stdout.readline()  # the header: the registry is up, the blobs are being written
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip() == "interrupted"
+    assert list(tmp_path.iterdir()) == []

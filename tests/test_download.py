@@ -507,6 +507,17 @@ async def test_present_blobs_are_skipped_without_a_request(
     assert_exactly(tmp_path, registry, [present, wrong_size, missing])
 
 
+async def test_a_directory_of_the_blobs_size_is_not_a_present_blob(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Only a regular file is taken for a stored blob; a directory in its place is an error."""
+    [blob] = add_blobs(registry, os.stat(tmp_path).st_size)
+    (tmp_path / blob.file_name).mkdir()
+    with pytest.raises(LocalFileError, match="Is a directory"):
+        await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert len(blob_gets(registry)) == 1
+
+
 async def test_progress_rolls_back_a_failed_attempt_and_stays_in_bounds(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:

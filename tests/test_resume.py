@@ -204,3 +204,27 @@ async def test_two_calls_fetching_the_same_blob_never_corrupt_it(
     for blob in (big, small):
         assert (tmp_path / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
     assert sorted(os.listdir(tmp_path)) == sorted([big.file_name, small.file_name])
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+async def test_a_partial_name_that_is_not_a_file_is_left_alone(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, kind: str
+) -> None:
+    """A symbolic link at the partial file's name is never written through (its target may be
+    outside dest_dir), nor a FIFO waited on: the blob is fetched into a file of its own."""
+    [blob] = add_blobs(registry, 300_000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    outside = tmp_path / "outside.conf"
+    outside.write_bytes(b"precious\n")
+    if kind == "symlink":
+        partial_of(dest, blob).symlink_to(outside)
+    else:
+        os.mkfifo(partial_of(dest, blob))
+    with trio.fail_after(10):
+        await download(
+            [blob], base_url=BASE_URL, dest_dir=dest, client=client, resume_threshold=1000
+        )
+    assert outside.read_bytes() == b"precious\n"
+    assert (dest / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
+    assert gets(registry, blob) == [None]

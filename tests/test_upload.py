@@ -977,6 +977,16 @@ async def test_a_directory_is_not_a_source(
     assert registry.requests == []
 
 
+async def test_a_fifo_is_refused_without_waiting_for_a_writer(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    blob = Blob.from_bytes(b"hello")
+    os.mkfifo(tmp_path / blob.file_name)
+    with trio.fail_after(5), pytest.raises(LocalFileError, match="not a regular file"):
+        await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert registry.requests == []
+
+
 async def test_a_mounted_blob_counts_for_progress(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ import os
 import queue
 import secrets
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -219,10 +220,11 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
         path = dest / blob.file_name
         with local_file_errors(blob.digest, path):
             try:
-                if path.stat().st_size == blob.size:
-                    present.add(blob.digest)
+                info = path.stat()
             except FileNotFoundError:
-                pass
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_size == blob.size:
+                present.add(blob.digest)
     needed = sum(blob.size for blob in blobs if blob.digest not in present)
     with local_file_errors(None, dest):
         free = shutil.disk_usage(dest).free
@@ -438,10 +440,11 @@ class _PartialFile:
     async def open(cls, dest: Path, blob: Blob, *, resumable: bool) -> _PartialFile:
         """The file to write ``blob`` into, with what a failed attempt kept re-hashed."""
         final = dest / blob.file_name
+        path = dest / f".{blob.file_name}.partial"
+        with local_file_errors(blob.digest, path):
+            file = _open_partial(path) if resumable else None
         with local_file_errors(blob.digest, dest):
-            if resumable:
-                path = dest / f".{blob.file_name}.partial"
-                file = path.open("a+b")
+            if file is not None:
                 try:
                     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # another download has it: do without
@@ -530,6 +533,22 @@ class _PartialFile:
         self._committed = True
 
 
+def _open_partial(path: Path) -> BinaryIO | None:
+    """The partial file ``path``, opened (or created) to append to; None when something else
+    has that name: a symbolic link is never written through, a FIFO never waited on."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "a+b")
+
+
 def _unnamed_file(dest: Path) -> int | None:
     """A descriptor of a new file in ``dest`` that has no name yet, or None where the system or
     the filesystem has no such files."""
@@ -570,7 +589,8 @@ def _publish(file: BinaryIO, path: Path | None, final: Path, size: int, *, fsync
                 _link(file, path, final)
                 break
             except FileExistsError:
-                if final.stat().st_size == size:
+                info = final.stat()
+                if stat.S_ISREG(info.st_mode) and info.st_size == size:
                     break
                 if path is not None:
                     os.replace(path, final)

@@ -199,14 +199,24 @@ def _check_sources(src: Path, blobs: list[Blob]) -> None:
     """Every blob's file is a readable regular file of the blob's size, or nothing is pushed."""
     for blob in blobs:
         path = src / blob.file_name
-        with local_file_errors(blob.digest, path), path.open("rb") as file:
-            info = os.fstat(file.fileno())
+        with local_file_errors(blob.digest, path):
+            fd = _open_source(path)
+            try:
+                info = os.fstat(fd)
+            finally:
+                os.close(fd)
         if not stat.S_ISREG(info.st_mode):
             raise LocalFileError(f"{path} is not a regular file", digest=blob.digest)
         if info.st_size != blob.size:
             raise LocalFileError(
                 f"{path} has {info.st_size} bytes, the blob has {blob.size}", digest=blob.digest
             )
+
+
+def _open_source(path: Path) -> int:
+    """A descriptor to read ``path`` with, opened without waiting: a FIFO put there would
+    otherwise hold up the event loop until a writer came."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def _with_digest(location: httpx.URL, digest: str) -> httpx.URL:
@@ -280,7 +290,7 @@ class _Source:
         """``size`` bytes from ``position``; the file is opened on first use."""
         with local_file_errors(self.blob.digest, self.path):
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                self._fd = _open_source(self.path)
             data = os.pread(self._fd, size, position)
         if len(data) != size:
             raise LocalFileError(

@@ -8,7 +8,14 @@ import pytest
 import trio
 import trio.testing
 
-from trio_blobs import AuthChallenge, AuthenticationError, RegistryAuth, download
+import trio_blobs._auth_provider
+from trio_blobs import (
+    AuthChallenge,
+    AuthenticationError,
+    ConnectionFailedError,
+    RegistryAuth,
+    download,
+)
 from trio_blobs.testing import Registry
 
 from ._helpers import BASE_URL, add_blobs
@@ -186,3 +193,24 @@ def test_credentials_never_show() -> None:
         RegistryAuth("https://registry.test", "alice")
     with pytest.raises(ValueError, match="base_url"):
         RegistryAuth("registry.test")
+
+
+async def test_a_token_service_that_never_answers_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Even through a client with ``timeout=None`` (as transfers want): while a token is fetched,
+    transfers are not judged stalled, so the token request bounds itself."""
+    monkeypatch.setattr(trio_blobs._auth_provider, "TOKEN_TIMEOUT", 0.2)
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, silent, [listener])
+        async with httpx.AsyncClient(timeout=None) as client:
+            auth = RegistryAuth("http://127.0.0.1", client=client)
+            with trio.fail_after(10), pytest.raises(ConnectionFailedError, match="ReadTimeout"):
+                await auth(bearer(f"http://127.0.0.1:{port}/token"))
+        nursery.cancel_scope.cancel()

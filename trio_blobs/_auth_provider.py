@@ -31,7 +31,9 @@ class RegistryAuth:
     https, or over http when the registry itself is http), on an origin listed in
     ``trusted_realms``, or the https realm that the first challenge named (trust on first use: a
     realm that later moves elsewhere gets anonymous requests). ``client`` is used for token
-    requests (redirects are not followed); without one, a short-lived client with a 30 s timeout.
+    requests (redirects are not followed), with its timeouts but 30 s where it has none (such as
+    the ``timeout=None`` that suits transfers); without one, a short-lived client with a 30 s
+    timeout.
     """
 
     def __init__(
@@ -107,13 +109,29 @@ class RegistryAuth:
             headers["authorization"] = f"Basic {self._basic}"
         try:
             if self._client is not None:
-                response = await self._client.get(url, headers=headers, follow_redirects=False)
+                response = await self._client.get(
+                    url,
+                    headers=headers,
+                    follow_redirects=False,
+                    timeout=_bounded(self._client.timeout),
+                )
             else:
                 async with httpx.AsyncClient(timeout=TOKEN_TIMEOUT) as client:
                     response = await client.get(url, headers=headers)
         except httpx.TransportError as exc:
             raise ConnectionFailedError(f"token request failed: {exc!r}", url=realm) from exc
         return _read_token(response, realm)
+
+
+def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
+    """``timeout`` with :data:`TOKEN_TIMEOUT` wherever it has none: transfers wait for a token
+    without being judged stalled, so a token request must not wait forever."""
+    return httpx.Timeout(
+        **{
+            name: TOKEN_TIMEOUT if value is None else value
+            for name, value in timeout.as_dict().items()
+        }
+    )
 
 
 def _read_token(response: httpx.Response, realm: str) -> tuple[str, float]:

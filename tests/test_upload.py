@@ -543,6 +543,28 @@ async def test_a_registry_slow_to_commit_is_given_time(
     assert len(requests_of(registry, "PUT")) == 1
 
 
+async def test_a_registry_that_never_commits_is_a_stall_after_the_grace(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    [blob] = write_blobs(tmp_path, 200_000)
+    registry.add_fault(Fault(method="PUT", delay=1e6, status=500, times=None))  # never stored
+    start = trio.current_time()
+    with pytest.raises(RetriesExhaustedError, match=r"no answer for 64\.01 s after the last byte"):
+        await upload(
+            [blob],
+            base_url=BASE_URL,
+            src_dir=tmp_path,
+            client=client,
+            stall_timeout=4,
+            retry=RetryPolicy(max_stalls=2),
+        )
+    assert 128 <= trio.current_time() - start <= 140  # two attempts, each given 64.01 s
+    assert len(requests_of(registry, "PUT")) == 2
+
+
 async def test_a_lost_answer_is_found_by_asking_before_pushing_again(
     registry: Registry,
     client: httpx.AsyncClient,

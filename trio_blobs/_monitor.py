@@ -88,11 +88,10 @@ class Watch:
             return None
         url = None if self.url is None else str(self.url)
         if self.verdict == "stall":
-            return StallError(
-                f"no data for {stall_timeout:g} s after {self.transferred} bytes",
-                digest=digest,
-                url=url,
-            )
+            waited = f"no data for {stall_timeout:g} s after {self.transferred} bytes"
+            if self.grace:
+                waited = f"no answer for {stall_timeout + self.grace:g} s after the last byte"
+            return StallError(waited, digest=digest, url=url)
         if self.verdict == "slow":
             seconds = self.last_activity - self.started
             rate = self.transferred / seconds if seconds > 0 else 0.0

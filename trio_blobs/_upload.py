@@ -103,7 +103,9 @@ async def upload(
     ``manifest`` is pushed as given to ``manifests/<manifest_ref>`` (its own sha256 digest by
     default) with ``manifest_media_type``, else its ``mediaType`` field, else Docker's v2
     manifest type. Credentials, redirects, retries, stalls and progress work as in
-    :func:`download`. Raises :class:`TransferError` (naming the blob or manifest), and
+    :func:`download`, except that once a blob's last byte is sent the registry may take 60 s
+    more than ``stall_timeout``, plus a second per 20 MB, to answer: it may be verifying or
+    moving the blob. Raises :class:`TransferError` (naming the blob or manifest), and
     :class:`ValueError` / :class:`TypeError` for bad arguments before any I/O.
 
     ``repository`` defaults to ``library/_``, a placeholder that only the in-process test registry

@@ -173,6 +173,15 @@ def test_rejects_non_strings(value: Any) -> None:
 # --- Blob -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+def test_an_empty_blob_has_the_digest_of_no_bytes(algorithm: str) -> None:
+    """Size 0 with any other digest could never verify: refused at once, not retried."""
+    digest = Blob.from_bytes(b"x", algorithm=algorithm).digest
+    empty = Blob.from_bytes(b"", algorithm=algorithm).digest
+    with pytest.raises(ValueError, match=f"size 0 means no bytes, whose digest is {empty}"):
+        Blob(digest, 0)
+
+
 def test_blob() -> None:
     blob = Blob(EMPTY_SHA256, 0)
     assert blob.file_name == digest_to_path(EMPTY_SHA256)

@@ -28,6 +28,7 @@ from trio_blobs import (
     ProtocolError,
     RegistryError,
     RetriesExhaustedError,
+    RetryPolicy,
     StallError,
     download,
 )
@@ -586,6 +587,19 @@ async def test_an_empty_list_returns_at_once(
             ValueError,
             "two sizes",
         ),
+        ({"base_url": "http://user:pw@registry.test"}, ValueError, "no user:password@"),
+        ({"mirrors": ["http://m.test/?x=1"]}, ValueError, "mirror takes no"),
+        ({"rate_limit": float("nan")}, ValueError, "rate_limit must be a finite number"),
+        ({"rate_limit": float("inf")}, ValueError, "rate_limit must be a finite number"),
+        ({"retry": "x"}, TypeError, "retry must be a RetryPolicy"),
+        ({"progress": 5}, TypeError, "progress must be callable"),
+        ({"blob_progress": "no"}, TypeError, "blob_progress must be callable"),
+        ({"get_token": "tok"}, TypeError, "get_token must be an async callable"),
+        ({"token": "a\r\nX-Evil: 1"}, ValueError, "token must be a str with no line breaks or NUL$"),
+        ({"user_agent": "ua\n"}, ValueError, "user_agent must be a str with no line breaks"),
+        ({"dest_dir": None}, TypeError, "dest_dir must be a str or os.PathLike"),
+        ({"dest_dir": b"d"}, TypeError, "dest_dir must be a str or os.PathLike"),
+        ({"dest_dir": ""}, ValueError, "dest_dir is empty"),
     ],
 )
 async def test_bad_arguments_fail_before_any_request(
@@ -606,6 +620,22 @@ async def test_bad_arguments_fail_before_any_request(
         await download(**args)  # type: ignore[arg-type]
     assert registry.requests == []
     assert not (tmp_path / "d").exists()
+
+
+async def test_a_dest_dir_that_links_to_nothing_says_so(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    (tmp_path / "store").symlink_to(tmp_path / "gone")
+    with pytest.raises(LocalFileError, match="dest_dir is a symbolic link to nothing"):
+        await download(
+            add_blobs(registry, 10), base_url=BASE_URL, dest_dir=tmp_path / "store", client=client
+        )
+    assert registry.requests == []
+
+
+def test_retry_policy_refuses_delays_that_are_not_numbers() -> None:
+    with pytest.raises(ValueError, match="base_delay and max_retry_after"):
+        RetryPolicy(base_delay=float("nan"))
 
 
 async def test_a_closed_client_is_a_clear_error_before_any_request(

@@ -182,8 +182,18 @@ def test_check_base_url_rejects_non_http_urls(url: object) -> None:
         check_base_url(url)
 
 
-def test_check_base_url_drops_trailing_slash_and_query() -> None:
-    assert str(check_base_url("http://127.0.0.1:5000/?x=1")) == "http://127.0.0.1:5000/"
+def test_check_base_url_drops_a_trailing_slash() -> None:
+    assert str(check_base_url("http://127.0.0.1:5000/")) == "http://127.0.0.1:5000/"
+    assert str(check_base_url("http://127.0.0.1:5000/mirror/")) == "http://127.0.0.1:5000/mirror"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://u:pw@r.test", "http://r.test/?x=1", "http://r.test/#frag", "http://u@r.test"]
+)
+def test_check_base_url_refuses_what_it_would_drop(url: str) -> None:
+    """Credentials in a URL would be silently unused; a query or fragment would be dropped."""
+    with pytest.raises(ValueError, match=r"mirror takes no user:password@ .*, query or fragment"):
+        check_base_url(url, "mirror")
 
 
 @pytest.mark.parametrize(

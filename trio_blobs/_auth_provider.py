@@ -53,7 +53,7 @@ class RegistryAuth:
             if username is not None
             else None
         )
-        self._trusted = {origin(check_base_url(realm)) for realm in trusted_realms}
+        self._trusted = {origin(check_base_url(realm, "trusted realm")) for realm in trusted_realms}
         self._first_realm: tuple[str, str, int | None] | None = None
         self._client = client
         self._tokens: dict[tuple[str, str | None, str | None], tuple[str, float]] = {}

@@ -15,6 +15,7 @@ __all__ = ["Blob", "digest_to_path", "path_to_digest"]
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")
 _PATH_RE = re.compile(r"(sha256)-([0-9a-f]{64})|(sha512)-([0-9a-f]{128})")
+_EMPTY = {name: f"{name}:{hashlib.new(name).hexdigest()}" for name in _ALGORITHMS}
 
 
 class Hasher(Protocol):
@@ -79,7 +80,8 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
 class Blob:
     """A blob to transfer: its digest, its size in bytes, and maybe a repository to mount it from.
 
-    Construction validates: a malformed digest or a negative size raises :class:`ValueError`.
+    Construction validates: a malformed digest, a negative size, or size 0 with a digest other
+    than that of no bytes raises :class:`ValueError`.
     """
 
     digest: str
@@ -90,6 +92,9 @@ class Blob:
         check_digest(self.digest)
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise ValueError(f"blob size must be a non-negative int, got {self.size!r}")
+        empty = _EMPTY[self.digest.partition(":")[0]]
+        if self.size == 0 and self.digest != empty:
+            raise ValueError(f"size 0 means no bytes, whose digest is {empty}, not {self.digest}")
         if self.mount_from is not None:
             try:
                 check_repository(self.mount_from)

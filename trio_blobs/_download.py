@@ -31,6 +31,7 @@ from ._transfer import (
     ProgressCallback,
     Transfer,
     check_blobs,
+    check_directory,
     check_options,
     local_file_errors,
     open_session,
@@ -126,14 +127,16 @@ async def download(
         stall_timeout=stall_timeout,
         rate_limit=rate_limit,
         max_body_streams=max_body_streams,
+        retry=retry,
+        callbacks={"progress": progress, "blob_progress": blob_progress},
     )
     check_int("resume_threshold", resume_threshold, minimum=0)
+    dest = check_directory("dest_dir", dest_dir)
     if isinstance(mirrors, str):
         raise TypeError("mirrors must be a sequence of base URLs, not one string")
-    mirror_urls = [check_base_url(mirror) for mirror in mirrors]
+    mirror_urls = [check_base_url(mirror, "mirror") for mirror in mirrors]
     if not todo:
         return DownloadResult((), ())
-    dest = Path(dest_dir)
     digests = [blob.digest for blob in todo]
     async with open_session(
         client=client,
@@ -214,6 +217,8 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
     with local_file_errors(None, dest):
         if dest.exists() and not dest.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "dest_dir is not a directory")
+        if dest.is_symlink() and not dest.exists():
+            raise FileNotFoundError(errno.ENOENT, "dest_dir is a symbolic link to nothing")
         dest.mkdir(parents=True, exist_ok=True)
     present = set()
     for blob in blobs:

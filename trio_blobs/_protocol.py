@@ -38,18 +38,24 @@ def check_repository(repository: object) -> str:
     return repository
 
 
-def check_base_url(base_url: object) -> httpx.URL:
-    """Parse ``base_url`` (``http(s)://host[:port]``), or raise :class:`ValueError`."""
+def check_base_url(base_url: object, name: str = "base_url") -> httpx.URL:
+    """Parse ``base_url`` (``http(s)://host[:port][/path]``, called ``name`` in errors), or
+    raise :class:`ValueError`."""
     try:
         url = httpx.URL(base_url) if isinstance(base_url, str | httpx.URL) else None
     except httpx.InvalidURL:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+        raise ValueError(f"{name} must be an http:// or https:// URL, got {base_url!r}")
+    if url.userinfo or url.query or url.fragment:
+        raise ValueError(
+            f"{name} takes no user:password@ (credentials come from token= or get_token=), "
+            f"query or fragment: got {base_url!r}"
+        )
     path = url.path.rstrip("/") or "/"
     if path.endswith("/v2"):
-        raise ValueError(f"base_url is the registry's root, without /v2: got {base_url!r}")
-    return url.copy_with(path=path, query=None, fragment=None)
+        raise ValueError(f"{name} is the registry's root, without /v2: got {base_url!r}")
+    return url.copy_with(path=path)
 
 
 def origin(url: httpx.URL) -> tuple[str, str, int | None]:

@@ -39,8 +39,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.max_stalls < 1 or self.free_slow_retries < 0:
             raise ValueError("max_attempts and max_stalls must be >= 1, free_slow_retries >= 0")
-        if self.base_delay < 0 or self.max_retry_after < 0:
-            raise ValueError("delays must not be negative")
+        if not (self.base_delay >= 0 and self.max_retry_after >= 0):
+            raise ValueError("base_delay and max_retry_after must be numbers of seconds >= 0")
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """The jittered delay after the ``attempt``-th failure (1-based)."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
@@ -27,6 +30,7 @@ BlobProgressCallback = Callable[[Blob, int], object]
 ``blob.size`` once the blob is done (verified, committed, mounted, or found already there)."""
 
 DEFAULT_LOGGER = logging.getLogger("trio_blobs")
+_LINE_BREAK = re.compile(r"[\r\n\0]")  # what no header value may hold
 
 
 def check_blobs(blobs: Iterable[Blob]) -> list[Blob]:
@@ -66,19 +70,41 @@ def check_options(
     *,
     concurrency: int,
     stall_timeout: float,
-    rate_limit: float | None = None,
-    max_body_streams: int | None = None,
+    rate_limit: float | None,
+    max_body_streams: int | None,
+    retry: RetryPolicy | None,
+    callbacks: dict[str, object],
 ) -> None:
-    """Raise :class:`ValueError` for option values no transfer can run with."""
+    """Raise :class:`ValueError` / :class:`TypeError` for options no transfer can run with;
+    ``callbacks`` maps names to the callbacks given (None or callable)."""
     check_int("concurrency", concurrency)
     if max_body_streams is not None:
         check_int("max_body_streams", max_body_streams)
     if rate_limit is not None and (
-        isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0
+        isinstance(rate_limit, bool)
+        or not isinstance(rate_limit, int | float)
+        or not 0 < rate_limit < math.inf
     ):
-        raise ValueError(f"rate_limit must be bytes per second > 0, got {rate_limit!r}")
+        raise ValueError(
+            f"rate_limit must be a finite number of bytes per second > 0, got {rate_limit!r}"
+        )
     if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
         raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+    for name, callback in callbacks.items():
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{name} must be callable, got {callback!r}")
+
+
+def check_directory(name: str, value: object) -> Path:
+    """``value`` as a directory path, or :class:`TypeError` / :class:`ValueError` naming it."""
+    path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str or os.PathLike path, got {value!r}")
+    if not path:
+        raise ValueError(f"{name} is empty")
+    return Path(path)
 
 
 class Progress:
@@ -329,6 +355,12 @@ async def open_session(
     """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
     url = check_base_url(base_url)
     check_repository(repository)
+    for name, value in (("token", token), ("user_agent", user_agent)):
+        if value is not None and (not isinstance(value, str) or _LINE_BREAK.search(value)):
+            shown = "" if name == "token" else f", got {value!r}"  # a token is never shown
+            raise ValueError(f"{name} must be a str with no line breaks or NUL{shown}")
+    if get_token is not None and not callable(get_token):
+        raise TypeError(f"get_token must be an async callable, got {get_token!r}")
     if client is not None and client.is_closed:
         raise ValueError("client is closed: pass an open httpx.AsyncClient, or none")
     own = None

@@ -30,6 +30,7 @@ from ._transfer import (
     RateLimit,
     Transfer,
     check_blobs,
+    check_directory,
     check_options,
     local_file_errors,
     open_session,
@@ -117,15 +118,17 @@ async def upload(
         stall_timeout=stall_timeout,
         rate_limit=rate_limit,
         max_body_streams=max_body_streams,
+        retry=retry,
+        callbacks={"progress": progress, "blob_progress": blob_progress},
     )
     check_int("head_concurrency", head_concurrency)
     check_int("chunk_threshold", chunk_threshold, minimum=0)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size)
     manifest_plan = _check_manifest(manifest, manifest_ref, manifest_media_type)
+    src = check_directory("src_dir", src_dir)
     if not todo and manifest_plan is None:
         return UploadResult((), (), (), None)
-    src = Path(src_dir)
     _check_sources(src, todo)
     async with open_session(
         client=client,

@@ -595,7 +595,11 @@ async def test_an_empty_list_returns_at_once(
         ({"progress": 5}, TypeError, "progress must be callable"),
         ({"blob_progress": "no"}, TypeError, "blob_progress must be callable"),
         ({"get_token": "tok"}, TypeError, "get_token must be an async callable"),
-        ({"token": "a\r\nX-Evil: 1"}, ValueError, "token must be a str with no line breaks or NUL$"),
+        (
+            {"token": "a\r\nX-Evil: 1"},
+            ValueError,
+            "token must be a str with no line breaks or NUL$",
+        ),
         ({"user_agent": "ua\n"}, ValueError, "user_agent must be a str with no line breaks"),
         ({"dest_dir": None}, TypeError, "dest_dir must be a str or os.PathLike"),
         ({"dest_dir": b"d"}, TypeError, "dest_dir must be a str or os.PathLike"),

@@ -74,7 +74,14 @@ def test_public_surface() -> None:
 
 
 def test_fault_validates() -> None:
-    for bad in ({"times": 0}, {"digest": "sha256:nope"}, {"status": 99}, {"trickle": 0}):
+    for bad in (
+        {"times": 0},
+        {"digest": "sha256:nope"},
+        {"status": 99},
+        {"trickle": 0},
+        {"delay": float("nan")},
+        {"trickle": float("nan")},
+    ):
         with pytest.raises(ValueError):  # noqa: PT011
             Fault(**bad)
 

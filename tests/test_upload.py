@@ -174,6 +174,17 @@ async def test_mount_answered_201_sends_no_body(
     assert_stored(registry, tmp_path, [blob])
 
 
+async def test_a_blob_listed_twice_is_mounted_if_either_listing_says_from_where(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = write_blobs(tmp_path, 5000)
+    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    mountable = Blob(blob.digest, blob.size, mount_from="models/base")
+    result = await upload([blob, mountable], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert result.mounted == (blob.digest,)
+    assert [r.method for r in registry.requests] == ["HEAD", "POST"]
+
+
 async def test_mount_answered_202_uploads_into_the_offered_session(
     tmp_path: Path,
 ) -> None:

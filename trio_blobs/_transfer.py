@@ -34,7 +34,8 @@ _LINE_BREAK = re.compile(r"[\r\n\0]")  # what no header value may hold
 
 
 def check_blobs(blobs: Iterable[Blob]) -> list[Blob]:
-    """The blobs to transfer, each digest once; raises on anything that is not a :class:`Blob`."""
+    """The blobs to transfer, each digest once (with a ``mount_from``, if any listing has one);
+    raises on anything that is not a :class:`Blob`."""
     if isinstance(blobs, Blob | str | bytes):
         raise TypeError("blobs must be an iterable of Blob, not a single value")
     unique: dict[str, Blob] = {}
@@ -44,6 +45,8 @@ def check_blobs(blobs: Iterable[Blob]) -> list[Blob]:
         seen = unique.setdefault(blob.digest, blob)
         if seen.size != blob.size:
             raise ValueError(f"{blob.digest} is listed with two sizes: {seen.size} and {blob.size}")
+        if seen.mount_from is None and blob.mount_from is not None:
+            unique[blob.digest] = blob  # listed again with a repository to mount it from
     return list(unique.values())
 
 

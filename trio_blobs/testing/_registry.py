@@ -104,7 +104,7 @@ class Fault:
             raise ValueError(f"times must be at least 1 or None, got {self.times!r}")
         if self.status is not None and not 200 <= self.status <= 599:
             raise ValueError(f"status must be in 200..599, got {self.status!r}")
-        if self.delay < 0 or (self.trickle is not None and self.trickle <= 0):
+        if not self.delay >= 0 or (self.trickle is not None and not self.trickle > 0):
             raise ValueError("delay must be >= 0 and trickle > 0")
         if min(self.stall_after or 0, self.truncate_at or 0) < 0:
             raise ValueError("stall_after and truncate_at must be >= 0")

@@ -6,9 +6,11 @@ wrote; plus its parsers (references, platforms, manifests) as pure functions."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -427,7 +429,12 @@ async def test_push_says_which_image_when_dir_holds_several(served: Served, tmp_
     assert chosen.returncode == 0, chosen.stderr
     assert "library/two:latest" in chosen.stdout
 
-    empty = await cli("push", tmp_path / "nothing", target)
+    missing_dir = await cli("push", tmp_path / "nothing", target)
+    assert missing_dir.returncode == 1
+    assert f"{tmp_path / 'nothing'}: no such directory" in missing_dir.stderr
+
+    (tmp_path / "empty").mkdir()
+    empty = await cli("push", tmp_path / "empty", target)
     assert empty.returncode == 1
     assert "no image in" in empty.stderr
 
@@ -734,6 +741,13 @@ def test_every_command_has_help_with_an_example(
     help_text = capsys.readouterr().out
     assert "example" in help_text
     assert "trio-blobs " + command in help_text.split("example")[1]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"trio-blobs {importlib.metadata.version('trio_blobs')}\n"
 
 
 # -- failures ------------------------------------------------------------------------------------
@@ -1057,6 +1071,18 @@ async def test_serve_checks_its_storage_before_it_listens(tmp_path: Path) -> Non
     assert done.summary["ok"] is False
 
 
+async def test_serve_keeps_out_of_an_image_store(served: Served, tmp_path: Path) -> None:
+    store(served.registry, make_image(3), "library/model", "v1")
+    models = tmp_path / "models"
+    assert (await cli("pull", f"{served.url}/library/model:v1", models)).returncode == 0
+    before = sorted(path.relative_to(models) for path in models.rglob("*"))
+    with trio.fail_after(10):
+        done = await cli("serve", "--port", "0", "--storage", models)
+    assert done.returncode == 1
+    assert f"{models} holds an ollama image store" in done.stderr
+    assert sorted(path.relative_to(models) for path in models.rglob("*")) == before
+
+
 async def test_demo_with_an_embedded_registry() -> None:
     done = await cli("demo", "--size", "3MB", "--json")
     assert done.returncode == 0, done.stderr
@@ -1070,6 +1096,18 @@ async def test_demo_with_an_embedded_registry() -> None:
     assert isinstance(pull, dict)
     assert push["transferred"] == pull["transferred"] == blobs
     assert pull["requests"] == blobs + 1  # one per blob, and the manifest
+
+
+def test_demo_tensors_are_made_a_piece_at_a_time(tmp_path: Path) -> None:
+    """However big a tensor (a 20 GB model's embeddings pass randbytes' 256 MiB limit), it is
+    made and written in pieces, and stored under its digest."""
+    pieces = list(_cli._random_pieces(random.Random(0), 2 * _cli.DEMO_PIECE + 5))
+    assert [len(piece) for piece in pieces] == [_cli.DEMO_PIECE, _cli.DEMO_PIECE, 5]
+    layout = _cli._OllamaLayout(tmp_path)
+    blob = _cli._write_blob(layout, pieces)
+    assert blob == Blob.from_bytes(b"".join(pieces))
+    assert layout.blob_path(blob.digest).read_bytes() == b"".join(pieces)
+    assert [p.name for p in (tmp_path / "blobs").iterdir()] == [blob.file_name]
 
 
 async def test_demo_against_a_given_registry(served: Served) -> None:

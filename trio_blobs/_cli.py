@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -61,7 +62,7 @@ from ._manifest import (
 )
 from ._protocol import check_repository
 from ._retry import RetryPolicy
-from ._session import TransferClient
+from ._session import VERSION, TransferClient
 from ._upload import DAMAGED, upload
 from .testing import Registry
 
@@ -90,6 +91,8 @@ DEMO_REPOSITORY = "trio-blobs/demo"
 DEMO_TENSOR = "application/vnd.trio-blobs.demo.tensor"
 DEMO_CONFIG = "application/vnd.trio-blobs.demo.config.v1+json"
 DEMO_VOCAB, DEMO_LAYERS = 32000, 24
+DEMO_PIECE = 8 * 1024 * 1024  # bytes of a demo tensor made and written at a time
+EMPTY_DIGEST = "sha256:" + hashlib.sha256().hexdigest()
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
 _SIZE_UNITS |= {"gib": 2**30}
 
@@ -154,7 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     common.add_argument("--json", action="store_true", help="print one JSON summary line")
     common.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log what happens; tracebacks on errors"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log token fetches, retries and fallbacks; tracebacks on errors",
     )
     remote = _Parser(add_help=False)
     remote.add_argument(
@@ -185,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Move images and models between this machine and OCI / Docker registries.",
         epilog="Run 'trio-blobs COMMAND --help' for each command's options and examples.",
     )
+    parser.add_argument("--version", action="version", version=f"trio-blobs {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, example: str, *parents: _Parser) -> Any:
@@ -288,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
         "--size",
         type=_size_arg,
         default=300 * 10**6,
-        help="model size (default 300MB; 1.2MB at least)",
+        help="about how big a model to make (default 300MB; 1.2MB at least)",
     )
     demo.set_defaults(handler=_demo)
     return parser
@@ -980,6 +988,12 @@ def _pull_layout(root: Path, kind: str | None) -> _Layout:
 
 def _open_layout(root: Path) -> _Layout:
     """The layout of an existing image store that holds an image."""
+    if not root.is_dir():
+        raise _Failure(
+            f"{root}: no such directory" if not root.exists() else f"{root} is not a directory",
+            "DIR is the directory the image was pulled into.",
+            "check the path.",
+        )
     if (found := _find_layout(root)) and found.images():
         return found
     raise _Failure(
@@ -1309,6 +1323,13 @@ def _save_storage(
 def _load_storage(registry: Registry, root: Path) -> None:
     """Check that ``root`` can keep the registry's content, then fill ``registry`` from what
     :func:`_save_storage` wrote there, if anything."""
+    path = root / STORAGE_INDEX
+    if not path.exists() and (found := _find_layout(root)) is not None:
+        raise _Failure(
+            f"{root} holds an {found.kind} image store",
+            "--storage keeps the registry's own files; they would mix with the store's.",
+            "pick an empty directory (push the store's images to the registry once it runs).",
+        )
     try:
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         for directory in (root, root / "blobs"):
@@ -1319,7 +1340,6 @@ def _load_storage(registry: Registry, root: Path) -> None:
             "--storage must name a directory that trio-blobs can write to.",
             "pick another directory, or fix its permissions.",
         ) from exc
-    path = root / STORAGE_INDEX
     if not path.exists():
         return
     contents: dict[str, bytes] = {}
@@ -1419,7 +1439,7 @@ async def _generate_model(layout: _Layout, size: int) -> Manifest:
     rng = random.Random()
     layers = []
     for name, nbytes in shapes:
-        blob = _write_blob(layout, rng.randbytes(nbytes))
+        blob = _write_blob(layout, _random_pieces(rng, nbytes))
         layers.append(
             {
                 "mediaType": DEMO_TENSOR,
@@ -1430,7 +1450,7 @@ async def _generate_model(layout: _Layout, size: int) -> Manifest:
         )
         await trio.lowlevel.checkpoint()
     config = {"hidden_size": hidden, "num_layers": DEMO_LAYERS, "vocab_size": DEMO_VOCAB}
-    config_blob = _write_blob(layout, json.dumps({**config, "dtype": "float16"}).encode())
+    config_blob = _write_blob(layout, [json.dumps({**config, "dtype": "float16"}).encode()])
     document = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -1444,10 +1464,37 @@ async def _generate_model(layout: _Layout, size: int) -> Manifest:
     return Manifest.parse(json.dumps(document, indent=1).encode())
 
 
-def _write_blob(layout: _Layout, data: bytes) -> Blob:
-    blob = Blob.from_bytes(data)
-    _write_atomic(layout.blob_path(blob.digest), data)
+def _random_pieces(rng: random.Random, nbytes: int) -> Iterator[bytes]:
+    """``nbytes`` random bytes, a few MiB at a time: a tensor may be larger than memory allows,
+    or than ``randbytes`` can make at once (256 MiB)."""
+    for start in range(0, nbytes, DEMO_PIECE):
+        yield rng.randbytes(min(DEMO_PIECE, nbytes - start))
+
+
+def _write_blob(layout: _Layout, pieces: Iterable[bytes]) -> Blob:
+    """Store the blob made of ``pieces`` in ``layout``, hashed as it is written; it gets its
+    name once whole."""
+    beside = layout.blob_path(EMPTY_DIGEST)  # any blob's name: the hidden file goes beside it
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = hidden_file(beside)
+    hasher, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as file:
+            for piece in pieces:
+                hasher.update(piece)
+                file.write(piece)
+                size += len(piece)
+        blob = Blob(f"sha256:{hasher.hexdigest()}", size)
+        os.replace(name, layout.blob_path(blob.digest))
+    except BaseException:
+        name.unlink(missing_ok=True)
+        raise
     return blob
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return "sha256:" + hashlib.file_digest(file, "sha256").hexdigest()
 
 
 async def _verify(layout: _Layout, manifest: Manifest) -> list[str]:
@@ -1455,7 +1502,7 @@ async def _verify(layout: _Layout, manifest: Manifest) -> list[str]:
     problems = []
     for blob in manifest.blobs:
         path = layout.blob_path(blob.digest)
-        actual = compute_digest(await trio.to_thread.run_sync(path.read_bytes))
+        actual = await trio.to_thread.run_sync(_file_digest, path)
         if actual != blob.digest:
             problems.append(f"{path.name} hashes to {actual}")
     if [layout.load(name).data for name in layout.images()] != [manifest.data]:

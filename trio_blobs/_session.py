@@ -44,10 +44,10 @@ CLEANUP_TIMEOUT = 0.3  # seconds a shielded cleanup (closing a response) may tak
 _NO_AUTH = httpx.Auth()  # an auth flow that adds nothing
 
 try:
-    _VERSION = version("trio_blobs")
+    VERSION = version("trio_blobs")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    _VERSION = "0"
-DEFAULT_USER_AGENT = f"trio-blobs/{_VERSION}"
+    VERSION = "0"
+DEFAULT_USER_AGENT = f"trio-blobs/{VERSION}"
 _PROXY_SCHEMES = frozenset({"http", "https", "all"})  # the environment's proxies httpx uses
 
 Body = bytes | Callable[[], AsyncIterable[bytes]] | None

@@ -281,7 +281,10 @@ _COLUMNS = (
 
 
 def print_header(title: str, runs: int) -> None:
-    print(f"{title}; the median of {runs} runs after a warm-up, and the process's peak RSS so far")
+    print(
+        f"{title}; the median of {runs} runs after a warm-up, and the process's peak RSS so far",
+        flush=True,
+    )
     print(" ".join(f"{name:>{width}}" for name, width in _COLUMNS))
 
 

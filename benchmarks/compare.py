@@ -705,10 +705,11 @@ def _seconds(text: str) -> float:
 
 
 def _json_path(text: str) -> Path:
-    """Where ``--json`` goes: checked (created empty) before hours of runs, not after."""
+    """Where ``--json`` goes: checked before hours of runs, not after (and not emptied yet)."""
     path = Path(text)
     try:
-        path.write_text("")
+        with path.open("a"):
+            pass
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror}") from None
     return path

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ._real import require
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -60,6 +62,7 @@ def test_a_failed_transfer_is_one_line_and_status_1(tmp_path: Path) -> None:
 
 def test_compare_exits_1_when_a_run_fails(tmp_path: Path) -> None:
     """A run killed by --timeout is reported in the table and makes the exit status 1."""
+    require("docker-registry")
     done = _run(
         "compare.py",
         *("--contenders", "trio_blobs", "--directions", "download", "--runs", "1"),
@@ -79,14 +82,18 @@ def test_sigterm_stops_a_benchmark_and_its_registry(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ | {"TMPDIR": str(tmp_path)},
+        env=os.environ | {"TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": ""},
         # As a shell starts a background job:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    assert process.stdout is not None
-    process.stdout.readline()  # the header: the registry is up, the blobs are being written
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()  # the header: the registry is up, the blobs are being written
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
     assert process.returncode == 130
     assert stderr.strip() == "interrupted"
     assert list(tmp_path.iterdir()) == []

@@ -1098,16 +1098,22 @@ async def test_demo_with_an_embedded_registry() -> None:
     assert pull["requests"] == blobs + 1  # one per blob, and the manifest
 
 
-def test_demo_tensors_are_made_a_piece_at_a_time(tmp_path: Path) -> None:
+async def test_demo_tensors_are_made_a_piece_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """However big a tensor (a 20 GB model's embeddings pass randbytes' 256 MiB limit), it is
     made and written in pieces, and stored under its digest."""
-    pieces = list(_cli._random_pieces(random.Random(0), 2 * _cli.DEMO_PIECE + 5))
-    assert [len(piece) for piece in pieces] == [_cli.DEMO_PIECE, _cli.DEMO_PIECE, 5]
+    asked: list[int] = []
+    randbytes = random.Random.randbytes
+    monkeypatch.setattr(_cli, "DEMO_PIECE", 4096)
+    monkeypatch.setattr(
+        random.Random, "randbytes", lambda rng, n: asked.append(n) or randbytes(rng, n)
+    )
     layout = _cli._OllamaLayout(tmp_path)
-    blob = _cli._write_blob(layout, pieces)
-    assert blob == Blob.from_bytes(b"".join(pieces))
-    assert layout.blob_path(blob.digest).read_bytes() == b"".join(pieces)
-    assert [p.name for p in (tmp_path / "blobs").iterdir()] == [blob.file_name]
+    manifest = await _cli._generate_model(layout, 3 * 10**6)
+    assert max(asked) == 4096
+    assert await _cli._verify(layout, manifest) == ["the stored manifest is not the one pushed"]
+    assert not [p for p in (tmp_path / "blobs").iterdir() if p.name.startswith(".")]
 
 
 async def test_demo_against_a_given_registry(served: Served) -> None:

@@ -28,7 +28,6 @@ from trio_blobs import (
     ProtocolError,
     RegistryError,
     RetriesExhaustedError,
-    RetryPolicy,
     StallError,
     download,
 )
@@ -508,15 +507,26 @@ async def test_present_blobs_are_skipped_without_a_request(
     assert_exactly(tmp_path, registry, [present, wrong_size, missing])
 
 
-async def test_a_directory_of_the_blobs_size_is_not_a_present_blob(
+async def test_a_directory_at_a_blobs_name_fails_before_any_request(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    """Only a regular file is taken for a stored blob; a directory in its place is an error."""
+    """Not taken for the stored blob (even of the blob's size), nor found out after the GET."""
     [blob] = add_blobs(registry, os.stat(tmp_path).st_size)
     (tmp_path / blob.file_name).mkdir()
-    with pytest.raises(LocalFileError, match="Is a directory"):
+    with pytest.raises(LocalFileError, match="a directory has the blob's name"):
         await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
-    assert len(blob_gets(registry)) == 1
+    assert registry.requests == []
+
+
+async def test_a_dangling_link_at_a_blobs_name_is_replaced(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    [blob] = add_blobs(registry, 1000)
+    (tmp_path / blob.file_name).symlink_to(tmp_path / "gone")
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client)
+    assert not (tmp_path / blob.file_name).is_symlink()
+    assert (tmp_path / blob.file_name).read_bytes() == registry.blobs["library/_"][blob.digest]
+    assert not (tmp_path / "gone").exists()
 
 
 async def test_progress_rolls_back_a_failed_attempt_and_stays_in_bounds(
@@ -601,8 +611,8 @@ async def test_an_empty_list_returns_at_once(
             "token must be a str with no line breaks or NUL$",
         ),
         ({"user_agent": "ua\n"}, ValueError, "user_agent must be a str with no line breaks"),
-        ({"dest_dir": None}, TypeError, "dest_dir must be a str or os.PathLike"),
-        ({"dest_dir": b"d"}, TypeError, "dest_dir must be a str or os.PathLike"),
+        ({"dest_dir": None}, TypeError, "dest_dir must be a path"),
+        ({"dest_dir": b"d"}, TypeError, "dest_dir must be a path"),
         ({"dest_dir": ""}, ValueError, "dest_dir is empty"),
     ],
 )
@@ -637,9 +647,29 @@ async def test_a_dest_dir_that_links_to_nothing_says_so(
     assert registry.requests == []
 
 
-def test_retry_policy_refuses_delays_that_are_not_numbers() -> None:
-    with pytest.raises(ValueError, match="base_delay and max_retry_after"):
-        RetryPolicy(base_delay=float("nan"))
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"retry": "x"}, TypeError, "retry must be a RetryPolicy"),
+        ({"stall_timeout": float("nan")}, ValueError, "stall_timeout"),
+    ],
+)
+async def test_fetch_manifest_checks_its_options_before_any_request(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    with pytest.raises(error, match=match):
+        await trio_blobs.fetch_manifest(
+            base_url=BASE_URL,
+            repository="library/_",
+            reference="v1",
+            client=client,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    assert registry.requests == []
 
 
 async def test_a_closed_client_is_a_clear_error_before_any_request(

@@ -154,6 +154,13 @@ async def test_a_refused_token_request_is_an_authentication_error(
         ("https://registry.test", ["http://auth.test/token"], (), [False]),
         # listed by the caller
         ("https://registry.test", ["http://auth.test/token"], ("http://auth.test",), [True]),
+        # ... as a whole realm URL: only its origin counts
+        (
+            "https://registry.test",
+            ["http://auth.test/token"],
+            ("http://auth.test/v2/token?service=reg",),
+            [True],
+        ),
     ],
 )
 async def test_credentials_go_only_to_trusted_realms(

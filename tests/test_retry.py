@@ -127,3 +127,8 @@ def test_slow_attempts_count_only_after_three() -> None:
 def test_retry_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must"):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_policy_refuses_delays_that_are_not_numbers() -> None:
+    with pytest.raises(ValueError, match="base_delay and max_retry_after"):
+        RetryPolicy(base_delay=float("nan"))

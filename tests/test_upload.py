@@ -750,7 +750,7 @@ async def test_nothing_to_do_returns_at_once(
         ({"concurrency": -1}, ValueError, "concurrency"),
         ({"base_url": "ftp://x"}, ValueError, "base_url"),
         ({"repository": "a//b"}, ValueError, "repository"),
-        ({"src_dir": None}, TypeError, "src_dir must be a str or os.PathLike"),
+        ({"src_dir": None}, TypeError, "src_dir must be a path"),
         ({"src_dir": ""}, ValueError, "src_dir is empty"),
         ({"retry": 3}, TypeError, "retry must be a RetryPolicy"),
         ({"progress": 5}, TypeError, "progress must be callable"),
@@ -1010,6 +1010,7 @@ async def test_a_fifo_is_refused_without_waiting_for_a_writer(
 ) -> None:
     blob = Blob.from_bytes(b"hello")
     os.mkfifo(tmp_path / blob.file_name)
+    # A blocking open() would hold the loop, which fail_after cannot cut: pytest-timeout would.
     with trio.fail_after(5), pytest.raises(LocalFileError, match="not a regular file"):
         await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
     assert registry.requests == []

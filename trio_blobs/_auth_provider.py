@@ -16,7 +16,7 @@ from ._protocol import check_base_url, origin, parse_error_body
 __all__ = ["RegistryAuth"]
 
 DEFAULT_EXPIRES_IN = 60  # seconds, when the token service does not say
-TOKEN_TIMEOUT = 30.0  # seconds for a token request made with our own client
+TOKEN_TIMEOUT = 30.0  # seconds a token request may take where no client timeout says otherwise
 
 
 class RegistryAuth:
@@ -53,7 +53,7 @@ class RegistryAuth:
             if username is not None
             else None
         )
-        self._trusted = {origin(check_base_url(realm, "trusted realm")) for realm in trusted_realms}
+        self._trusted = {_origin_of_realm(realm) for realm in trusted_realms}
         self._first_realm: tuple[str, str, int | None] | None = None
         self._client = client
         self._tokens: dict[tuple[str, str | None, str | None], tuple[str, float]] = {}
@@ -121,6 +121,18 @@ class RegistryAuth:
         except httpx.TransportError as exc:
             raise ConnectionFailedError(f"token request failed: {exc!r}", url=realm) from exc
         return _read_token(response, realm)
+
+
+def _origin_of_realm(realm: object) -> tuple[str, str, int | None]:
+    """The origin of a ``trusted_realms`` entry: an http(s) URL whose path and query do not
+    matter."""
+    try:
+        url = httpx.URL(realm) if isinstance(realm, str) else None
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.userinfo:
+        raise ValueError(f"trusted_realms takes http:// or https:// URLs, got {realm!r}")
+    return origin(url)
 
 
 def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from ._auth_provider import RegistryAuth
-from ._digest import Blob, compute_digest, digest_to_path, path_to_digest
+from ._digest import Blob, Hasher, compute_digest, digest_to_path, path_to_digest
 from ._download import download, hidden_file
 from ._exceptions import (
     AuthenticationError,
@@ -92,7 +92,7 @@ DEMO_TENSOR = "application/vnd.trio-blobs.demo.tensor"
 DEMO_CONFIG = "application/vnd.trio-blobs.demo.config.v1+json"
 DEMO_VOCAB, DEMO_LAYERS = 32000, 24
 DEMO_PIECE = 8 * 1024 * 1024  # bytes of a demo tensor made and written at a time
-EMPTY_DIGEST = "sha256:" + hashlib.sha256().hexdigest()
+_ANY_SHA256 = "sha256:" + "0" * 64  # its path in a layout shows where sha256 blobs go
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
 _SIZE_UNITS |= {"gib": 2**30}
 
@@ -161,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="log token fetches, retries and fallbacks; tracebacks on errors",
+        help="log what happens beyond progress (tokens, retries; each request served); "
+        "tracebacks on errors",
     )
     remote = _Parser(add_help=False)
     remote.add_argument(
@@ -743,17 +744,35 @@ def _size(nbytes: float) -> str:
 # -- layouts -----------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it never exists half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = hidden_file(path)
+def _write_hidden(beside: Path, pieces: Iterable[bytes], hasher: Hasher | None = None) -> Path:
+    """A new hidden file beside ``beside`` (whose directory is made if missing) that holds
+    ``pieces``, each given to ``hasher`` too; removed again if writing fails."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = hidden_file(beside)
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(data)
+            for piece in pieces:
+                if hasher is not None:
+                    hasher.update(piece)
+                file.write(piece)
+    except BaseException:
+        name.unlink(missing_ok=True)
+        raise
+    return name
+
+
+def _rename(name: Path, path: Path) -> None:
+    """Give the written hidden file ``name`` its final name ``path`` (or remove it)."""
+    try:
         os.replace(name, path)
     except BaseException:
         name.unlink(missing_ok=True)
         raise
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it never exists half-written."""
+    _rename(_write_hidden(path, [data]), path)
 
 
 def _has(path: Path, size: int) -> bool:
@@ -1474,21 +1493,10 @@ def _random_pieces(rng: random.Random, nbytes: int) -> Iterator[bytes]:
 def _write_blob(layout: _Layout, pieces: Iterable[bytes]) -> Blob:
     """Store the blob made of ``pieces`` in ``layout``, hashed as it is written; it gets its
     name once whole."""
-    beside = layout.blob_path(EMPTY_DIGEST)  # any blob's name: the hidden file goes beside it
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = hidden_file(beside)
-    hasher, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as file:
-            for piece in pieces:
-                hasher.update(piece)
-                file.write(piece)
-                size += len(piece)
-        blob = Blob(f"sha256:{hasher.hexdigest()}", size)
-        os.replace(name, layout.blob_path(blob.digest))
-    except BaseException:
-        name.unlink(missing_ok=True)
-        raise
+    hasher = hashlib.sha256()
+    name = _write_hidden(layout.blob_path(_ANY_SHA256), pieces, hasher)
+    blob = Blob(f"sha256:{hasher.hexdigest()}", name.stat().st_size)
+    _rename(name, layout.blob_path(blob.digest))
     return blob
 
 

@@ -31,8 +31,8 @@ from ._transfer import (
     ProgressCallback,
     Transfer,
     check_blobs,
-    check_directory,
     check_options,
+    check_path,
     local_file_errors,
     open_session,
 )
@@ -131,7 +131,7 @@ async def download(
         callbacks={"progress": progress, "blob_progress": blob_progress},
     )
     check_int("resume_threshold", resume_threshold, minimum=0)
-    dest = check_directory("dest_dir", dest_dir)
+    dest = check_path("dest_dir", dest_dir)
     if isinstance(mirrors, str):
         raise TypeError("mirrors must be a sequence of base URLs, not one string")
     mirror_urls = [check_base_url(mirror, "mirror") for mirror in mirrors]
@@ -228,6 +228,8 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
                 info = path.stat()
             except FileNotFoundError:
                 continue
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "a directory has the blob's name")
             if stat.S_ISREG(info.st_mode) and info.st_size == blob.size:
                 present.add(blob.digest)
     needed = sum(blob.size for blob in blobs if blob.digest not in present)
@@ -551,6 +553,7 @@ def _open_partial(path: Path) -> BinaryIO | None:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return None
+    os.set_blocking(fd, True)  # a regular file: I/O as usual from here on
     return os.fdopen(fd, "a+b")
 
 
@@ -594,7 +597,7 @@ def _publish(file: BinaryIO, path: Path | None, final: Path, size: int, *, fsync
                 _link(file, path, final)
                 break
             except FileExistsError:
-                info = final.stat()
+                info = final.lstat()  # a link there is replaced, not followed
                 if stat.S_ISREG(info.st_mode) and info.st_size == size:
                     break
                 if path is not None:

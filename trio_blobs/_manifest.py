@@ -22,7 +22,7 @@ from ._exceptions import IntegrityError, ProtocolError, StallError, TransferErro
 from ._protocol import TAG_RE
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import GetToken, RegistrySession
-from ._transfer import open_session
+from ._transfer import check_stall_and_retry, open_session
 
 __all__ = [
     "Descriptor",
@@ -359,10 +359,11 @@ async def fetch_manifest(
     Credentials, redirects and retries work as in :func:`download`; an attempt with no answer
     for ``stall_timeout`` seconds is retried. Raises :class:`TransferError` (an unusable
     manifest is a :class:`ProtocolError`; a missing platform a :class:`PlatformNotFoundError`),
-    and :class:`ValueError` for bad arguments before any I/O.
+    and :class:`ValueError` / :class:`TypeError` for bad arguments before any I/O.
     """
     if not isinstance(reference, str) or not (TAG_RE.fullmatch(reference) or _is_digest(reference)):
         raise ValueError(f"reference must be a tag or a digest, got {reference!r}")
+    check_stall_and_retry(stall_timeout, retry)
     policy = retry or RetryPolicy()
     async with open_session(
         client=client,

@@ -91,20 +91,28 @@ def check_options(
         raise ValueError(
             f"rate_limit must be a finite number of bytes per second > 0, got {rate_limit!r}"
         )
-    if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
-        raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
-    if retry is not None and not isinstance(retry, RetryPolicy):
-        raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+    check_stall_and_retry(stall_timeout, retry)
     for name, callback in callbacks.items():
         if callback is not None and not callable(callback):
             raise TypeError(f"{name} must be callable, got {callback!r}")
 
 
-def check_directory(name: str, value: object) -> Path:
-    """``value`` as a directory path, or :class:`TypeError` / :class:`ValueError` naming it."""
+def check_stall_and_retry(stall_timeout: float, retry: RetryPolicy | None) -> None:
+    """Raise :class:`ValueError` / :class:`TypeError` for a ``stall_timeout`` or ``retry``
+    that no transfer (or manifest fetch) can run with."""
+    if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
+        raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+
+
+def check_path(name: str, value: object) -> Path:
+    """``value`` as a path, or :class:`TypeError` / :class:`ValueError` naming it."""
     path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
     if not isinstance(path, str):
-        raise TypeError(f"{name} must be a str or os.PathLike path, got {value!r}")
+        raise TypeError(
+            f"{name} must be a path (a str, or an os.PathLike giving one), got {value!r}"
+        )
     if not path:
         raise ValueError(f"{name} is empty")
     return Path(path)

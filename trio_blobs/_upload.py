@@ -30,8 +30,8 @@ from ._transfer import (
     RateLimit,
     Transfer,
     check_blobs,
-    check_directory,
     check_options,
+    check_path,
     local_file_errors,
     open_session,
 )
@@ -126,7 +126,7 @@ async def upload(
     if chunk_size is not None:
         check_int("chunk_size", chunk_size)
     manifest_plan = _check_manifest(manifest, manifest_ref, manifest_media_type)
-    src = check_directory("src_dir", src_dir)
+    src = check_path("src_dir", src_dir)
     if not todo and manifest_plan is None:
         return UploadResult((), (), (), None)
     _check_sources(src, todo)
@@ -219,9 +219,11 @@ def _check_sources(src: Path, blobs: list[Blob]) -> None:
 
 
 def _open_source(path: Path) -> int:
-    """A descriptor to read ``path`` with, opened without waiting: a FIFO put there would
-    otherwise hold up the event loop until a writer came."""
-    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    """A descriptor to read ``path`` with, opened without waiting (a FIFO put there would
+    otherwise hold up the event loop until a writer came), then blocking as usual."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _with_digest(location: httpx.URL, digest: str) -> httpx.URL:
@@ -370,7 +372,6 @@ class _FileStream:
             self._pending = 0
         if self._position >= self._end:
             if self._end == source.blob.size:
-                source.verify(self._hasher)  # for an empty blob, nothing was checked yet
                 source.watch.grace = COMMIT_GRACE + source.blob.size / COMMIT_RATE
             source.finished(self._end, self._hasher)
             raise StopAsyncIteration

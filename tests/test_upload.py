@@ -159,12 +159,18 @@ async def test_all_small_blobs_are_asked_about_when_a_probe_finds_one(
 # -- 3. cross-repository mount --------------------------------------------------------------
 
 
+def mountable_blob(registry: Registry, tmp_path: Path) -> tuple[Blob, Blob]:
+    """A blob written to ``tmp_path`` and stored in ``models/base``, and the same blob to be
+    mounted from there."""
+    [blob] = write_blobs(tmp_path, 5000)
+    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    return blob, Blob(blob.digest, blob.size, mount_from="models/base")
+
+
 async def test_mount_answered_201_sends_no_body(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    [blob] = write_blobs(tmp_path, 5000)
-    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
-    mountable = Blob(blob.digest, blob.size, mount_from="models/base")
+    blob, mountable = mountable_blob(registry, tmp_path)
     result = await upload([mountable], base_url=BASE_URL, src_dir=tmp_path, client=client)
     assert result.mounted == (blob.digest,)
     assert result.uploaded == ()
@@ -177,9 +183,7 @@ async def test_mount_answered_201_sends_no_body(
 async def test_a_blob_listed_twice_is_mounted_if_either_listing_says_from_where(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    [blob] = write_blobs(tmp_path, 5000)
-    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
-    mountable = Blob(blob.digest, blob.size, mount_from="models/base")
+    blob, mountable = mountable_blob(registry, tmp_path)
     result = await upload([blob, mountable], base_url=BASE_URL, src_dir=tmp_path, client=client)
     assert result.mounted == (blob.digest,)
     assert [r.method for r in registry.requests] == ["HEAD", "POST"]
@@ -189,11 +193,10 @@ async def test_mount_answered_202_uploads_into_the_offered_session(
     tmp_path: Path,
 ) -> None:
     registry = Registry(mount=False)
-    [blob] = write_blobs(tmp_path, 5000)
-    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    blob, mountable = mountable_blob(registry, tmp_path)
     async with httpx.AsyncClient(transport=registry.transport()) as client:
         result = await upload(
-            [Blob(blob.digest, blob.size, mount_from="models/base")],
+            [mountable],
             base_url=BASE_URL,
             src_dir=tmp_path,
             client=client,
@@ -1019,11 +1022,10 @@ async def test_a_fifo_is_refused_without_waiting_for_a_writer(
 async def test_a_mounted_blob_counts_for_progress(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    [blob] = write_blobs(tmp_path, 5000)
-    registry.add_blob((tmp_path / blob.file_name).read_bytes(), "models/base")
+    _, mountable = mountable_blob(registry, tmp_path)
     calls: list[tuple[int, int]] = []
     await upload(
-        [Blob(blob.digest, blob.size, mount_from="models/base")],
+        [mountable],
         base_url=BASE_URL,
         src_dir=tmp_path,
         client=client,

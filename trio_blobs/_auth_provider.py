@@ -11,7 +11,7 @@ import trio
 
 from ._auth import AuthChallenge
 from ._exceptions import AuthenticationError, ConnectionFailedError
-from ._protocol import check_base_url, origin, parse_error_body
+from ._protocol import check_base_url, http_url, origin, parse_error_body
 
 __all__ = ["RegistryAuth"]
 
@@ -95,11 +95,8 @@ class RegistryAuth:
 
     async def _fetch(self, realm: str, service: str | None, scope: str | None) -> tuple[str, float]:
         """Ask the token service; returns the token and its lifetime in seconds."""
-        try:
-            url = httpx.URL(realm)
-        except httpx.InvalidURL:
-            url = None
-        if url is None or url.scheme not in ("http", "https") or not url.host:
+        url = http_url(realm)
+        if url is None:
             raise AuthenticationError(f"unusable token realm {realm!r}", status=401)
         # Only what the challenge names: a realm's own query (``?service=`` in it) stays.
         wanted = {"service": [service] if service else [], "scope": (scope or "").split()}
@@ -126,11 +123,8 @@ class RegistryAuth:
 def _origin_of_realm(realm: object) -> tuple[str, str, int | None]:
     """The origin of a ``trusted_realms`` entry: an http(s) URL whose path and query do not
     matter."""
-    try:
-        url = httpx.URL(realm) if isinstance(realm, str) else None
-    except httpx.InvalidURL:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host or url.userinfo:
+    url = http_url(realm)
+    if url is None or url.userinfo:
         raise ValueError(f"trusted_realms takes http:// or https:// URLs, got {realm!r}")
     return origin(url)
 

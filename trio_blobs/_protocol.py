@@ -38,14 +38,20 @@ def check_repository(repository: object) -> str:
     return repository
 
 
+def http_url(value: object) -> httpx.URL | None:
+    """``value`` parsed as an http:// or https:// URL with a host, or None."""
+    try:
+        url = httpx.URL(value) if isinstance(value, str | httpx.URL) else None
+    except httpx.InvalidURL:
+        return None
+    return url if url is not None and url.scheme in ("http", "https") and url.host else None
+
+
 def check_base_url(base_url: object, name: str = "base_url") -> httpx.URL:
     """Parse ``base_url`` (``http(s)://host[:port][/path]``, called ``name`` in errors), or
     raise :class:`ValueError`."""
-    try:
-        url = httpx.URL(base_url) if isinstance(base_url, str | httpx.URL) else None
-    except httpx.InvalidURL:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    url = http_url(base_url)
+    if url is None:
         raise ValueError(f"{name} must be an http:// or https:// URL, got {base_url!r}")
     if url.userinfo or url.query or url.fragment:
         raise ValueError(

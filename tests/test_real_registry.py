@@ -10,10 +10,13 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -620,3 +623,50 @@ async def test_the_registry_stops_on_exit_and_keeps_given_storage(
         async with httpx.AsyncClient(trust_env=False) as client:
             await client.get(f"{url}/v2/")
     assert RealRegistry(url, storage).has_blob(blob.digest)
+
+
+_HOST = """
+import sys, trio
+from trio_blobs.testing import distribution_registry
+
+async def main():
+    async with distribution_registry(storage=sys.argv[1]) as url:
+        print(url, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_the_registry_stops_when_its_host_process_is_killed(
+    programs: None, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        host = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", _HOST, str(tmp_path / "storage")],
+                stdout=subprocess.PIPE,
+                check=False,
+            )
+        )
+        try:
+            assert host.stdout is not None
+            with trio.fail_after(30):
+                url = (await host.stdout.receive_some()).decode().strip()
+            fresh_connections = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(trust_env=False, limits=fresh_connections) as client:
+                assert (await client.get(f"{url}/v2/")).status_code == 200
+                host.kill()  # no cleanup runs in the host
+                await host.wait()
+                with trio.fail_after(10):  # the watchdog stops the registry at once
+                    while True:
+                        try:
+                            await client.get(f"{url}/v2/")
+                        except httpx.ConnectError:
+                            break  # no longer listening
+                        except httpx.TransportError:
+                            pass  # shutting down: connections accepted, then dropped
+                        await trio.sleep(0.05)
+        finally:
+            host.kill()

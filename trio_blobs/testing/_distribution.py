@@ -6,11 +6,12 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,25 @@ __all__ = [
     "distribution_registry",
 ]
 
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+STOP_TIMEOUT = 5.0  # seconds between asking the registry to stop and SIGKILL
 _LOG_TAIL = 4000  # characters of the registry's output quoted when it does not come up
 _PORT_ATTEMPTS = 3  # someone else may bind the free port before the registry does
+
+# Runs the registry ("$@") and a watcher that stops it (SIGTERM) once standard input, a pipe
+# from the host process, reaches its end: the host closed it, or died, even by SIGKILL. The
+# shell exits with the registry's status, so a registry that fails to start is seen at once.
+_WATCHDOG = """
+exec 3<&0 </dev/null
+"$@" 3<&- &
+registry=$!
+{ read -r _ <&3; kill -TERM "$registry"; } 2>/dev/null &
+watcher=$!
+exec 3<&-
+wait "$registry"
+status=$?
+kill "$watcher" 2>/dev/null
+exit "$status"
+"""
 
 
 class RegistryStartError(RuntimeError):
@@ -73,9 +90,11 @@ async def distribution_registry(
     server that serves ``storage`` at its root can answer them.
 
     Returns once ``GET /v2/`` answers; on exit the registry gets SIGTERM, and SIGKILL after
-    :data:`STOP_TIMEOUT` seconds. Raises :class:`RegistryStartError`, with the install command
-    when ``docker-registry`` is not on ``PATH``, and with the registry's output when it exits
-    or does not answer within ``startup_timeout`` seconds.
+    :data:`STOP_TIMEOUT` seconds. It gets SIGTERM too when the process that started it dies
+    without cleaning up (killed by SIGKILL, say): no registry is left running. Raises
+    :class:`RegistryStartError`, with the install command when ``docker-registry`` is not on
+    ``PATH``, and with the registry's output when it exits or does not answer within
+    ``startup_timeout`` seconds.
     """
     executable = _find("docker-registry", "docker-registry")
     with tempfile.TemporaryDirectory(prefix="trio-blobs-distribution-") as tmp:
@@ -181,10 +200,15 @@ async def _start(
         attempt += 1
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
-        command = [executable, "serve", write_config(port)]
+        command = ["/bin/sh", "-c", _WATCHDOG, "sh", executable, "serve", write_config(port)]
         with log.open("wb") as output:  # each attempt starts a fresh log
             process = await trio.lowlevel.open_process(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env
+                command,
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=output,
+                env=env,
+                start_new_session=True,  # its own group, which SIGKILL can stop as a whole
             )
         try:
             with trio.move_on_after(startup_timeout):
@@ -206,12 +230,15 @@ async def _start(
 
 
 async def _stop(process: trio.Process) -> None:
-    """SIGTERM, then SIGKILL if the process is still there after :data:`STOP_TIMEOUT` s."""
-    process.terminate()
+    """Close the watchdog's pipe (the registry gets SIGTERM); SIGKILL its whole process group
+    if it is still there after :data:`STOP_TIMEOUT` s."""
+    assert process.stdin is not None
+    await process.stdin.aclose()
     with trio.move_on_after(STOP_TIMEOUT):
         await process.wait()
         return
-    process.kill()
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
     await process.wait()
 
 

@@ -367,6 +367,17 @@ async def test_fault_status_and_headers(connect: Connect) -> None:
             b"<html/>",
         )
 
+        registry.add_fault(Fault(status=404, times=3, method=None))
+        missing = [
+            error_code(await client.request(method, f"/v2/library/_/{where}"))
+            for method, where in [
+                ("GET", f"blobs/{blob.digest}"),
+                ("PATCH", "blobs/uploads/some-id"),
+                ("GET", "manifests/v1"),
+            ]
+        ]
+        assert missing == ["BLOB_UNKNOWN", "BLOB_UPLOAD_UNKNOWN", "MANIFEST_UNKNOWN"]
+
         registry.add_fault(Fault(method="PUT", path="/manifests/", status=500))
         put = await client.put(
             "/v2/library/_/manifests/v1", content=b"{}", headers={"Content-Type": MANIFEST}

@@ -71,8 +71,9 @@ class Fault:
     A request matches when its method is ``method`` (``None``: any), its path names ``digest``
     and contains ``path`` (each ``None``: anything). ``matched`` counts the requests it applied to.
 
-    ``status`` answers with that status (and ``body``, else a JSON error) without touching the
-    registry's state; without it the request is handled and only the response altered.
+    ``status`` answers with that status (and ``body``, else a JSON error whose code a registry
+    would send: ``BLOB_UNKNOWN`` for a 404 of a blob, say) without touching the registry's
+    state; without it the request is handled and only the response altered.
     ``headers`` replace same-named response headers (not Content-Length). ``delay`` holds the
     response head back. The body faults apply to whatever body is sent, a ``status`` answer's
     included, and compose: ``corrupt`` (flip the middle byte) and ``extra`` change the body, and
@@ -311,7 +312,7 @@ class Registry:
         if fault is not None:
             fault.matched += 1
         if fault is not None and fault.status is not None:
-            reply = _fault_reply(fault.status, fault.body)
+            reply = _fault_reply(fault.status, fault.body, path)
         else:
             reply = await self._route(method, path, query, headers, counted, origin)
         await counted.drain()  # whatever the route left unread
@@ -585,12 +586,20 @@ def _upload_reply(status: int, upload_id: str, upload: _Upload) -> _Reply:
     return _Reply(status, headers)
 
 
-def _fault_reply(status: int, body: bytes | None) -> _Reply:
+def _fault_reply(status: int, body: bytes | None, path: str) -> _Reply:
     if body is not None:
         return _Reply(status, {}, body)
     if status < 400:
         return _Reply(status)
-    return _error(status, _STATUS_CODES.get(status, "UNKNOWN"), "injected fault")
+    code = _STATUS_CODES.get(status, "UNKNOWN")
+    if status == 404:  # what the registry says of what it does not have
+        kinds = (
+            ("/blobs/uploads/", "BLOB_UPLOAD"),
+            ("/blobs/", "BLOB"),
+            ("/manifests/", "MANIFEST"),
+        )
+        code = next((f"{kind}_UNKNOWN" for part, kind in kinds if part in path), "NAME_UNKNOWN")
+    return _error(status, code, "injected fault")
 
 
 def _references(manifest: bytes) -> tuple[list[str], list[str]]:

@@ -361,7 +361,8 @@ async def test_a_push_of_a_damaged_file_says_how_to_repair_it(
     assert pulled.returncode == 0, pulled.stderr
     hex_ = image.blobs[2].digest.partition(":")[2]
     damaged = tmp_path / "blobs" / (f"sha256-{hex_}" if layout == "ollama" else f"sha256/{hex_}")
-    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])  # the same size
+    data = damaged.read_bytes()
+    damaged.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # the same size, surely damaged
 
     pushed = await cli("push", tmp_path, f"{served.url}/copies/model:v1")
     assert pushed.returncode == 1

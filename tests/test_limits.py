@@ -114,8 +114,9 @@ class InFlight(httpx.AsyncBaseTransport):
 
 
 async def test_body_streams_are_limited_apart_from_requests(
-    registry: Registry, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    registry = Registry(whole_posts=False)  # POSTs without bodies, then PUTs with them
     blobs = add_blobs(registry, *[1000] * 8)
     for blob in blobs:
         (tmp_path / blob.file_name).write_bytes(registry.blobs["library/_"][blob.digest])
@@ -142,4 +143,6 @@ async def test_body_streams_are_limited_apart_from_requests(
     assert transport.peak["GET"] == 2  # blob bodies
     assert transport.peak["PUT"] == 2
     assert transport.peak["HEAD"] == 8  # cheap requests run wider
-    assert transport.peak["POST"] == 8
+    # The first POST carries its blob, asking whether the registry takes blobs that way (this
+    # one ignores it); the other seven wait for that answer, then go out together.
+    assert transport.peak["POST"] == 7

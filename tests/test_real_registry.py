@@ -303,6 +303,26 @@ async def test_mount_refused_falls_back_to_an_upload(
     assert plain_registry.has_blob(blob.digest)
 
 
+async def test_a_whole_blob_post_gets_a_session_and_the_others_post_bare(
+    plain_registry: RealRegistry, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    blobs = [write_blob(src, os.urandom(size)) for size in (1000, 2000, 3000, 4000)]
+    with recorded() as (client, seen):
+        async with client:
+            result = await upload(
+                blobs, base_url=plain_registry.url, repository=REPO, src_dir=src, client=client
+            )
+    assert len(result.uploaded) == 4
+    posts = [s for s in seen if s.method == "POST"]
+    # distribution 2.8 ignores a blob sent with its POST and opens a session (202): one blob
+    # asks, and is then PUT into that session as the others are into theirs.
+    assert [s.status for s in posts] == [202] * 4
+    assert sum("digest=" in str(s.url) for s in posts) == 1
+    assert [s.status for s in seen if s.method == "PUT"] == [201] * 4
+    assert all(plain_registry.has_blob(blob.digest) for blob in blobs)
+
+
 # -- 3. chunked push ----------------------------------------------------------------------------
 
 

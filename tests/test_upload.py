@@ -3,6 +3,7 @@
 import json
 import os
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -22,12 +23,19 @@ from trio_blobs import (
     UploadResult,
     upload,
 )
-from trio_blobs._upload import SMALL_BLOB, _held, _with_digest
-from trio_blobs.testing import Fault, Registry
+from trio_blobs._upload import SMALL_BLOB, WHOLE_POST_SIZE, _held, _with_digest
+from trio_blobs.testing import Fault, RecordedRequest, Registry
 
 from ._helpers import BASE_URL, CountingTransport, went_backwards
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def registry() -> Registry:
+    """Most tests here are about the POST-then-PUT flow, which every registry has; a blob sent
+    whole with its POST is tested on registries of their own."""
+    return Registry(whole_posts=False)
 
 
 def write_blobs(src: Path, *sizes: int) -> list[Blob]:
@@ -239,6 +247,82 @@ class _Stream(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for piece in self.source:
             yield piece
+
+
+# -- small blobs sent whole with their POST ---------------------------------------------------
+
+
+def whole_posts(registry: Registry) -> list[RecordedRequest]:
+    return [r for r in registry.requests if r.method == "POST" and "?digest=" in r.url]
+
+
+async def test_small_blobs_go_whole_with_their_post_where_the_registry_takes_them(
+    tmp_path: Path,
+) -> None:
+    registry = Registry()
+    blob, mountable = mountable_blob(registry, tmp_path)
+    small = write_blobs(tmp_path, *[1000] * 5, WHOLE_POST_SIZE)
+    [large] = write_blobs(tmp_path, WHOLE_POST_SIZE + 1)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        result = await upload(
+            [*small, large, mountable], base_url=BASE_URL, src_dir=tmp_path, client=client
+        )
+    assert set(result.uploaded) == {b.digest for b in [*small, large]}
+    assert result.mounted == (blob.digest,)
+    posted = whole_posts(registry)
+    assert sorted(r.body_size for r in posted) == sorted(b.size for b in small)
+    [put] = requests_of(registry, "PUT")  # the large blob alone goes in a session
+    assert put.endswith(f"digest={large.digest}")
+    assert_stored(registry, tmp_path, [*small, large, blob])
+
+
+async def test_no_blob_goes_whole_when_chunks_are_asked_for(tmp_path: Path) -> None:
+    registry = Registry()
+    blobs = write_blobs(tmp_path, 1000, 3000)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        push = partial(upload, blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
+        await push(chunk_size=500)
+        await push(repository="other/repo", chunk_threshold=2000)
+    assert [r.body_size for r in whole_posts(registry)] == [1000]  # under the threshold
+    assert_stored(registry, tmp_path, blobs, "other/repo")
+
+
+async def test_a_registry_that_ignores_whole_posts_is_sent_one_in_vain(tmp_path: Path) -> None:
+    registry = Registry(whole_posts=False)  # as the distribution registry: 202 and a session
+    blobs = write_blobs(tmp_path, *[1000] * 10)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        result = await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(result.uploaded) == 10
+    assert [r.body_size for r in whole_posts(registry)] == [1000]
+    assert len(requests_of(registry, "POST")) == len(requests_of(registry, "PUT")) == 10
+    assert_stored(registry, tmp_path, blobs)
+
+
+@pytest.mark.parametrize("status", [400, 415, 501])
+async def test_a_registry_that_refuses_whole_posts_gets_the_usual_flow(
+    tmp_path: Path, status: int
+) -> None:
+    registry = Registry()
+    registry.add_fault(Fault(method="POST", status=status, times=1))
+    blobs = write_blobs(tmp_path, *[1000] * 4)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(whole_posts(registry)) == 1  # refused: not offered again
+    assert len(requests_of(registry, "POST")) == 5
+    assert len(requests_of(registry, "PUT")) == 4
+    assert_stored(registry, tmp_path, blobs)
+
+
+async def test_a_whole_post_that_fails_lets_another_blob_ask(tmp_path: Path) -> None:
+    registry = Registry()
+    registry.add_fault(Fault(method="POST", status=503, times=1))
+    blobs = write_blobs(tmp_path, *[1000] * 4)
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        result = await upload(blobs, base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert len(result.uploaded) == 4
+    assert len(whole_posts(registry)) == 5  # the failed one, then each blob whole
+    assert requests_of(registry, "PUT") == []
+    assert_stored(registry, tmp_path, blobs)
 
 
 async def test_monolithic_push_streams_the_file_in_bounded_pieces(
@@ -681,7 +765,7 @@ async def test_no_manifest_when_a_blob_fails(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     blobs = write_blobs(tmp_path, 10, 20)
-    registry.add_fault(Fault(method="POST", status=400, times=1))
+    registry.add_fault(Fault(method="PUT", path="/blobs/", status=400, times=1))
     with pytest.raises(RegistryError):
         await upload(
             blobs,

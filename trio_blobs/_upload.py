@@ -47,6 +47,12 @@ PROBE_COUNT = 16  # small blobs asked about before the others are taken to be mi
 SMALL_BLOB = 4 * 1024 * 1024  # pushing such a blob that was there after all costs little
 ABANDON_TIMEOUT = 0.5  # seconds a best-effort DELETE of a failed upload session may take
 MAX_416_RECOVERIES = 3  # per attempt, before the attempt starts over with a new session
+# Blobs up to this size are offered whole in their upload's POST. A registry that ignores such a
+# body (the distribution registry, a Go server) reads and drops up to 256 KiB of it, and closes
+# the connection, half a second later, when there is more.
+WHOLE_POST_SIZE = 256 * 1024
+# What a registry may answer a POST that carries a whole blob, when it does not take that form.
+_WHOLE_POST_REFUSALS = frozenset({400, 405, 411, 413, 415, 501})
 COMMIT_GRACE = 60.0  # extra seconds a registry may take to answer once a blob is all sent,
 COMMIT_RATE = 20e6  # plus its size at this many bytes per second (it may hash or move it)
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -98,8 +104,12 @@ async def upload(
     blobs with ``mount_from`` are mounted from that repository when the registry agrees. The
     others are pushed in one ``PUT``, or in ``PATCH`` chunks of ``chunk_size`` bytes when
     ``chunk_size`` is given, the blob is larger than ``chunk_threshold``, or the registry asks
-    for a minimum chunk length. Bodies stream from the files, hashed on the way: a file whose
-    bytes do not match its digest is never committed.
+    for a minimum chunk length. Without ``chunk_size``, a blob of up to 256 KiB goes with the
+    upload's ``POST`` itself (``?digest=``), one request instead of two, where the registry
+    stores it so: the first such blob finds out while the others wait, and when the registry
+    opens a session instead (as the distribution registry does), that blob goes on with a
+    ``PUT`` and the others with the usual ``POST`` and ``PUT``. Bodies stream from the files,
+    hashed on the way: a file whose bytes do not match its digest is never committed.
 
     ``manifest`` is pushed as given to ``manifests/<manifest_ref>`` (its own sha256 digest by
     default) with ``manifest_media_type``, else its ``mediaType`` field, else Docker's v2
@@ -386,6 +396,36 @@ class _FileStream:
         return chunk
 
 
+class _WholePosts:
+    """Whether the registry stores a blob sent whole with its upload's ``POST`` (``?digest=``),
+    which registries may do or not. While that is not known, one blob at a time asks, so that a
+    registry that ignores the body is sent one blob in vain, not one per blob in flight."""
+
+    def __init__(self) -> None:
+        self.taken: bool | None = None
+        self._answered: trio.Event | None = None  # set when the blob asking has its answer
+
+    async def offer(self) -> bool:
+        """Whether to send a blob with its ``POST``. While that is not known, the caller that
+        gets True asks, and must report what came of it with :meth:`answer`."""
+        while self.taken is None:
+            if self._answered is None:
+                self._answered = trio.Event()
+                return True
+            await self._answered.wait()
+        return self.taken
+
+    def answer(self, taken: bool | None) -> None:
+        """What came of a blob sent with its ``POST``: stored, not, or no answer that says
+        (the request failed), in which case another blob asks."""
+        if self.taken is not None:
+            return
+        self.taken = taken
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            answered.set()
+
+
 class _Pusher:
     """Pushes the blobs of one :func:`upload` call and records what happened to each."""
 
@@ -400,6 +440,7 @@ class _Pusher:
         self.uploaded: set[str] = set()
         self.mounted: set[str] = set()
         self.uploads_url = self._session.url("blobs/uploads/")
+        self.whole_posts = _WholePosts()
 
     async def find_present(self, blobs: list[Blob], limiter: trio.CapacityLimiter) -> set[str]:
         """The digests among ``blobs`` that the repository has, as far as worth asking.
@@ -472,6 +513,11 @@ class _Pusher:
 
         await self.transfer.with_retries(blob, attempt)
 
+    async def post_whole(self, blob: Blob) -> bool:
+        """Whether to send ``blob`` with its upload's ``POST``."""
+        small = blob.size <= min(WHOLE_POST_SIZE, self._chunk_threshold) and not self._chunk_size
+        return small and blob.mount_from is None and await self.whole_posts.offer()
+
     def chunk_size(self, blob: Blob, started: httpx.Response) -> int | None:
         """The chunk size to push ``blob`` with, or None for one PUT."""
         min_chunk = _chunk_min_length(started)
@@ -525,7 +571,12 @@ class _Push:
         if blob.mount_from is not None:
             # Both are validated to URL-safe characters: sent as registries document them.
             url = url.copy_with(query=f"mount={blob.digest}&from={blob.mount_from}".encode())
-        started = await self._request("POST", url, (201, 202), "upload start")
+        if await self._pusher.post_whole(blob):
+            started = await self._post_whole()
+            if started is None:
+                return False
+        else:
+            started = await self._request("POST", url, (201, 202), "upload start")
         if started.status_code == 201:
             source.counted.set(blob.size)
             return True
@@ -551,6 +602,34 @@ class _Push:
         )
         self._open = None
         return False
+
+    async def _post_whole(self) -> httpx.Response | None:
+        """Send the blob with its upload's ``POST``: None when the registry stored it, else the
+        answer that opened an upload session in its place."""
+        source, blob, offers = self._source, self._source.blob, self._pusher.whole_posts
+        uploads_url = self._pusher.uploads_url
+        asking = offers.taken is None
+        taken: bool | None = None
+        try:
+            started = await self._request(
+                "POST",
+                _with_digest(uploads_url, blob.digest),
+                (201, 202),
+                "upload",
+                body=source.body(0, blob.size),
+                length=blob.size,
+            )
+            taken = started.status_code == 201
+        except RegistryError as exc:
+            if not (asking and exc.status in _WHOLE_POST_REFUSALS):
+                raise
+            taken = False  # refused rather than ignored: start a session as usual
+            offers.answer(taken)
+            self._session.logger.debug("whole-blob POST refused: %s", exc)
+            return await self._request("POST", uploads_url, (202,), "upload start")
+        finally:
+            offers.answer(taken)
+        return None if taken else started
 
     def unfinished(self) -> httpx.URL | None:
         """Where the upload session is that this attempt leaves open, if it does."""

@@ -209,7 +209,9 @@ class Registry:
     ``/_storage/<digest>?expires=...&sig=...``). ``/_storage/<digest>`` serves a blob of any
     repository, needs no token and ignores the query; it is recorded like every request. Blob
     GETs honour ``Range: bytes=<start>-`` with a 206 (``ranges=False`` ignores it, answering 200
-    with the whole blob, as some servers do).
+    with the whole blob, as some servers do). A POST to ``blobs/uploads/?digest=<digest>`` stores
+    the blob it carries (``whole_posts=False`` ignores the body and opens an upload session, as
+    the distribution registry does).
 
     Upload sessions live at ``/v2/<name>/blobs/uploads/<uuid>?_state=<opaque>``; each PATCH issues
     a new ``_state``. PATCH and PUT need the current one (a stale Location is refused with 400
@@ -225,6 +227,7 @@ class Registry:
         mount: bool = True,
         redirect_blobs_to: str | None = None,
         ranges: bool = True,
+        whole_posts: bool = True,
     ) -> None:
         self.blobs: dict[str, dict[str, bytes]] = {}
         self.manifests: dict[str, dict[str, tuple[bytes, str]]] = {}
@@ -236,6 +239,7 @@ class Registry:
         self.mount = mount
         self.redirect_blobs_to = redirect_blobs_to
         self.ranges = ranges
+        self.whole_posts = whole_posts
         self._uploads: dict[str, _Upload] = {}
 
     def add_blob(self, data: bytes, repository: str = "library/_") -> Blob:
@@ -423,9 +427,10 @@ class Registry:
             if data is not None:
                 self.blobs.setdefault(name, {})[mounted] = data
                 return _created(name, mounted)
-        if "digest" in call.query:
+        if "digest" in call.query and self.whole_posts:
             digest = _valid_digest(call.query["digest"])
             return self._store(name, digest, await call.body.read())
+        await call.body.read()  # not used
         upload_id = str(uuid.uuid4())
         state = secrets.token_urlsafe(12)
         upload = self._uploads[upload_id] = _Upload(name, state, {state})

@@ -299,9 +299,12 @@ class _Source:
         self._acked: tuple[int, Hasher] = (0, new_hasher(blob.digest))
         self._finished: tuple[int, Hasher] | None = None
 
-    def body(self, start: int, end: int) -> Callable[[], AsyncIterator[bytes]]:
-        """A request body of bytes ``[start, end)``: a fresh stream each time it is sent."""
-        return lambda: _FileStream(self, start, end)
+    def body(
+        self, start: int, end: int, *, counted: bool = True
+    ) -> Callable[[], AsyncIterator[bytes]]:
+        """A request body of bytes ``[start, end)``: a fresh stream each time it is sent. Its
+        bytes count for the attempt's progress as they go, unless not ``counted``."""
+        return lambda: _FileStream(self, start, end, counted)
 
     def read(self, position: int, size: int) -> bytes:
         """``size`` bytes from ``position``; the file is opened on first use."""
@@ -360,16 +363,19 @@ class _FileStream:
     """Bytes ``[start, end)`` of a :class:`_Source`, read a buffer at a time.
 
     An iterator rather than an async generator, so that a request that stops early leaves
-    nothing suspended. The attempt's progress follows the position of the newest stream.
+    nothing suspended. The attempt's progress follows the position of the newest ``counted``
+    stream.
     """
 
-    def __init__(self, source: _Source, start: int, end: int) -> None:
+    def __init__(self, source: _Source, start: int, end: int, counted: bool) -> None:
         self._source = source
         self._position = start
         self._end = end
+        self._counted = counted
         self._pending = 0  # bytes handed out, not yet known to be sent
         self._hasher = source.hasher_at(start)
-        source.counted.set(start)
+        if counted:
+            source.counted.set(start)
 
     def __aiter__(self) -> _FileStream:
         return self
@@ -378,7 +384,8 @@ class _FileStream:
         source = self._source
         if self._pending:  # being asked for more means the last buffer went out
             source.watch.progress(self._pending)
-            source.counted.set(self._position)
+            if self._counted:
+                source.counted.set(self._position)
             self._pending = 0
         if self._position >= self._end:
             if self._end == source.blob.size:
@@ -405,14 +412,16 @@ class _WholePosts:
         self.taken: bool | None = None
         self._answered: trio.Event | None = None  # set when the blob asking has its answer
 
-    async def offer(self) -> bool:
+    async def offer(self, watch: Watch) -> bool:
         """Whether to send a blob with its ``POST``. While that is not known, the caller that
-        gets True asks, and must report what came of it with :meth:`answer`."""
+        gets True asks, and must report what came of it with :meth:`answer`; the others wait,
+        ``watch`` paused (they are not the registry's to judge meanwhile)."""
         while self.taken is None:
             if self._answered is None:
                 self._answered = trio.Event()
                 return True
-            await self._answered.wait()
+            with watch.paused():
+                await self._answered.wait()
         return self.taken
 
     def answer(self, taken: bool | None) -> None:
@@ -513,10 +522,10 @@ class _Pusher:
 
         await self.transfer.with_retries(blob, attempt)
 
-    async def post_whole(self, blob: Blob) -> bool:
+    async def post_whole(self, blob: Blob, watch: Watch) -> bool:
         """Whether to send ``blob`` with its upload's ``POST``."""
         small = blob.size <= min(WHOLE_POST_SIZE, self._chunk_threshold) and not self._chunk_size
-        return small and blob.mount_from is None and await self.whole_posts.offer()
+        return small and blob.mount_from is None and await self.whole_posts.offer(watch)
 
     def chunk_size(self, blob: Blob, started: httpx.Response) -> int | None:
         """The chunk size to push ``blob`` with, or None for one PUT."""
@@ -571,7 +580,7 @@ class _Push:
         if blob.mount_from is not None:
             # Both are validated to URL-safe characters: sent as registries document them.
             url = url.copy_with(query=f"mount={blob.digest}&from={blob.mount_from}".encode())
-        if await self._pusher.post_whole(blob):
+        if await self._pusher.post_whole(blob, source.watch):
             started = await self._post_whole()
             if started is None:
                 return False
@@ -616,7 +625,8 @@ class _Push:
                 _with_digest(uploads_url, blob.digest),
                 (201, 202),
                 "upload",
-                body=source.body(0, blob.size),
+                # Counted once stored: a registry that ignores it is sent the blob again.
+                body=source.body(0, blob.size, counted=False),
                 length=blob.size,
             )
             taken = started.status_code == 201
@@ -629,7 +639,11 @@ class _Push:
             return await self._request("POST", uploads_url, (202,), "upload start")
         finally:
             offers.answer(taken)
-        return None if taken else started
+        if taken:
+            source.counted.set(blob.size)
+            return None
+        source.watch.grace = 0.0  # given for the POST's answer: the PUT has yet to send the blob
+        return started
 
     def unfinished(self) -> httpx.URL | None:
         """Where the upload session is that this attempt leaves open, if it does."""

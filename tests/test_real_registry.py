@@ -23,6 +23,7 @@ import httpx
 import pytest
 import trio
 
+import trio_blobs
 from trio_blobs import AuthenticationError, Blob, RegistryAuth, download, upload
 from trio_blobs.testing import DistributionTokenAuth, RegistryStartError, distribution_registry
 
@@ -658,9 +659,31 @@ trio.run(main)
 """
 
 
+# A registry that ignores SIGTERM: it answers every GET with 200 on its configured address.
+_STUBBORN_REGISTRY = f"""#!{sys.executable}
+import http.server, json, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+host, port = json.load(open(sys.argv[2]))["http"]["addr"].rsplit(":", 1)
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+http.server.HTTPServer((host, int(port)), Answer).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("registry", ["distribution", "ignoring SIGTERM"])
 async def test_the_registry_stops_when_its_host_process_is_killed(
-    programs: None, tmp_path: Path
+    programs: None, tmp_path: Path, registry: str
 ) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(trio_blobs.__file__).parents[1])}
+    if registry != "distribution":
+        stub = tmp_path / "bin" / "docker-registry"
+        stub.parent.mkdir()
+        stub.write_text(_STUBBORN_REGISTRY)
+        stub.chmod(0o755)
+        env["PATH"] = f"{stub.parent}{os.pathsep}{env['PATH']}"
     async with trio.open_nursery() as nursery:
         host = await nursery.start(
             partial(
@@ -668,6 +691,7 @@ async def test_the_registry_stops_when_its_host_process_is_killed(
                 [sys.executable, "-c", _HOST, str(tmp_path / "storage")],
                 stdout=subprocess.PIPE,
                 check=False,
+                env=env,
             )
         )
         try:
@@ -679,7 +703,8 @@ async def test_the_registry_stops_when_its_host_process_is_killed(
                 assert (await client.get(f"{url}/v2/")).status_code == 200
                 host.kill()  # no cleanup runs in the host
                 await host.wait()
-                with trio.fail_after(10):  # the watchdog stops the registry at once
+                # SIGTERM at once, SIGKILL after STOP_TIMEOUT (5 s) for one that ignores it
+                with trio.fail_after(15):
                     while True:
                         try:
                             await client.get(f"{url}/v2/")

@@ -29,20 +29,21 @@ STOP_TIMEOUT = 5.0  # seconds between asking the registry to stop and SIGKILL
 _LOG_TAIL = 4000  # characters of the registry's output quoted when it does not come up
 _PORT_ATTEMPTS = 3  # someone else may bind the free port before the registry does
 
-# Runs the registry ("$@") and a watcher that stops it (SIGTERM) once standard input, a pipe
-# from the host process, reaches its end: the host closed it, or died, even by SIGKILL. The
-# shell exits with the registry's status, so a registry that fails to start is seen at once.
-_WATCHDOG = """
+# Becomes the registry ("$@"), in a process group of its own, beside a watcher that stops the
+# group once standard input, a pipe from the host process, reaches its end: the host closed it,
+# or died, even by SIGKILL. SIGTERM first, SIGKILL if the registry is still there after a few
+# seconds. Signals go to that group only, whose ID no other process can take while either of
+# the two lives.
+_WATCHDOG = f"""
 exec 3<&0 </dev/null
-"$@" 3<&- &
-registry=$!
-{ read -r _ <&3; kill -TERM "$registry"; } 2>/dev/null &
-watcher=$!
-exec 3<&-
-wait "$registry"
-status=$?
-kill "$watcher" 2>/dev/null
-exit "$status"
+{{
+    trap '' TERM
+    read -r _ <&3
+    kill -TERM 0
+    for _ in $(seq {round(STOP_TIMEOUT * 10)}); do kill -0 $$ || exit; sleep 0.1; done
+    kill -KILL 0
+}} 2>/dev/null &
+exec "$@" 3<&-
 """
 
 
@@ -90,8 +91,8 @@ async def distribution_registry(
     server that serves ``storage`` at its root can answer them.
 
     Returns once ``GET /v2/`` answers; on exit the registry gets SIGTERM, and SIGKILL after
-    :data:`STOP_TIMEOUT` seconds. It gets SIGTERM too when the process that started it dies
-    without cleaning up (killed by SIGKILL, say): no registry is left running. Raises
+    :data:`STOP_TIMEOUT` seconds, as it does when the process that started it dies without
+    cleaning up (killed by SIGKILL, say): no registry is left running. Raises
     :class:`RegistryStartError`, with the install command when ``docker-registry`` is not on
     ``PATH``, and with the registry's output when it exits or does not answer within
     ``startup_timeout`` seconds.
@@ -230,8 +231,8 @@ async def _start(
 
 
 async def _stop(process: trio.Process) -> None:
-    """Close the watchdog's pipe (the registry gets SIGTERM); SIGKILL its whole process group
-    if it is still there after :data:`STOP_TIMEOUT` s."""
+    """Close the watchdog's pipe (the registry gets SIGTERM); SIGKILL its process group if it
+    is still there after :data:`STOP_TIMEOUT` s."""
     assert process.stdin is not None
     await process.stdin.aclose()
     with trio.move_on_after(STOP_TIMEOUT):

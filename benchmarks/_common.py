@@ -143,7 +143,8 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
 
 
 def _serve(conn: multiprocessing.connection.Connection, registry: str) -> None:
-    """Child process: an empty registry on a loopback port until SIGTERM, then clean up."""
+    """Child process: an empty registry on a loopback port until SIGTERM, or until the parent's
+    end of ``conn`` closes (the parent died: nothing else closes it first); then clean up."""
     from trio_blobs.testing import Registry, distribution_registry
 
     async def main() -> None:
@@ -151,10 +152,16 @@ def _serve(conn: multiprocessing.connection.Connection, registry: str) -> None:
             serving = (
                 distribution_registry() if registry == "distribution" else Registry().serving()
             )
-            async with serving as url:
+            async with serving as url, trio.open_nursery() as nursery:
                 conn.send(url)
+
+                async def orphaned() -> None:
+                    await trio.lowlevel.wait_readable(conn.fileno())  # end of stream
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(orphaned)
                 async for _ in signals:
-                    return
+                    nursery.cancel_scope.cancel()
 
     trio.run(main)
 

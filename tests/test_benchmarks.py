@@ -3,10 +3,12 @@ SIGTERM leaving nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,42 @@ def test_sigterm_stops_a_benchmark_and_its_registry(tmp_path: Path) -> None:
     assert process.returncode == 130
     assert stderr.strip() == "interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_registry_child_stops_when_the_benchmark_is_killed(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "download.py"), "-w", "100000x1KiB"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=os.environ | {"TMPDIR": str(tmp_path)},
+    )
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()  # the header: the registry child is up
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        [child] = [  # the registry's, beside multiprocessing's resource tracker
+            Path(f"/proc/{pid}")
+            for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        process.kill()  # no cleanup runs in the benchmark
+        process.wait()
+        deadline = time.monotonic() + 10
+        while child.exists() and "Z" not in _state(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            assert not child.exists() or "Z" in _state(child)  # exited (perhaps not yet reaped)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child.name), signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def _state(process: Path) -> str:
+    try:
+        return (process / "stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "gone"

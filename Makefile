@@ -18,6 +18,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict trio_blobs
+	$(BIN)/mypy --strict benchmarks
 
 test: lint
 	$(BIN)/python -m pytest

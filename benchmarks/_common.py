@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -208,10 +209,10 @@ def run_benchmark(
     action: str,
     default_concurrency: int,
     prepare: Callable[[Case], Awaitable[object]],
-    once: Callable[[Case, httpx.AsyncClient, Path], Awaitable[object]],
+    once: Callable[[Case, Path, httpx.AsyncClient], Awaitable[object]],
 ) -> None:
     """The whole benchmark: parse the options, run a registry (or use ``--url``), and for each
-    workload write its blobs, ``prepare`` the registry, then time ``once(case, client, fresh)``
+    workload write its blobs, ``prepare`` the registry, then time ``once(case, fresh, client)``
     once to warm up and ``--runs`` times more (``fresh`` is a new, absent path each time,
     emptied after: see :func:`release`), and print the median."""
     args = parser(description).parse_args()
@@ -237,11 +238,7 @@ def run_benchmark(
                     results = []
                     for attempt in range(args.runs + 1):
                         fresh = root / f"run{index}-{attempt}"
-                        results.append(
-                            await measure(
-                                concurrency, lambda client, c=case, f=fresh: once(c, client, f)
-                            )
-                        )
+                        results.append(await measure(concurrency, partial(once, case, fresh)))
                         release(fresh)
                     release(src)
                     print_row(workload, results[1:])

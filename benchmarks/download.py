@@ -29,7 +29,7 @@ async def _push(case: Case) -> None:
     )
 
 
-async def _pull(case: Case, client: httpx.AsyncClient, fresh: Path) -> None:
+async def _pull(case: Case, fresh: Path, client: httpx.AsyncClient) -> None:
     await trio_blobs.download(
         case.blobs,
         base_url=case.url,

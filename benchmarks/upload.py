@@ -24,7 +24,7 @@ async def _nothing(case: Case) -> None:
     """Nothing to set up: every run pushes into a repository of its own."""
 
 
-async def _push(case: Case, client: httpx.AsyncClient, fresh: Path) -> None:
+async def _push(case: Case, fresh: Path, client: httpx.AsyncClient) -> None:
     await trio_blobs.upload(
         case.blobs,
         base_url=case.url,

@@ -52,8 +52,8 @@ def _oras(spec: dict[str, Any], direction: str) -> Transfer:
     """oras-py, one blob after another as its API goes: ``download_blob`` (no digest check);
     ``NewLayer`` (hashes the file, as ``push`` does) then ``upload_blob`` (HEAD, POST, PUT of
     the whole file read into memory)."""
-    import oras.oci  # type: ignore[import-untyped]
-    import oras.provider  # type: ignore[import-untyped]
+    import oras.oci
+    import oras.provider
 
     def download() -> None:
         registry = oras.provider.Registry(hostname=spec["host"], insecure=True)

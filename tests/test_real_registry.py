@@ -677,7 +677,12 @@ http.server.HTTPServer((host, int(port)), Answer).serve_forever()
 async def test_the_registry_stops_when_its_host_process_is_killed(
     programs: None, tmp_path: Path, registry: str
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(trio_blobs.__file__).parents[1])}
+    (tmp_path / "tmp").mkdir()  # what a killed host cannot remove stays in here
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(trio_blobs.__file__).parents[1]),
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
     if registry != "distribution":
         stub = tmp_path / "bin" / "docker-registry"
         stub.parent.mkdir()

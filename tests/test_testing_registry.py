@@ -367,16 +367,24 @@ async def test_fault_status_and_headers(connect: Connect) -> None:
             b"<html/>",
         )
 
-        registry.add_fault(Fault(status=404, times=3, method=None))
+        registry.add_fault(Fault(status=404, times=5, method=None))
         missing = [
-            error_code(await client.request(method, f"/v2/library/_/{where}"))
-            for method, where in [
-                ("GET", f"blobs/{blob.digest}"),
-                ("PATCH", "blobs/uploads/some-id"),
-                ("GET", "manifests/v1"),
+            error_code(await client.request(method, path))
+            for method, path in [
+                ("GET", url),
+                ("PATCH", "/v2/library/_/blobs/uploads/some-id"),
+                ("GET", "/v2/org/blobs/manifests/v1"),  # a repository named org/blobs
+                ("GET", f"/_storage/{blob.digest}"),
+                ("GET", "/v2/org/app/tags/list"),
             ]
         ]
-        assert missing == ["BLOB_UNKNOWN", "BLOB_UPLOAD_UNKNOWN", "MANIFEST_UNKNOWN"]
+        assert missing == [
+            "BLOB_UNKNOWN",
+            "BLOB_UPLOAD_UNKNOWN",
+            "MANIFEST_UNKNOWN",
+            "BLOB_UNKNOWN",
+            "NAME_UNKNOWN",
+        ]
 
         registry.add_fault(Fault(method="PUT", path="/manifests/", status=500))
         put = await client.put(

@@ -23,7 +23,7 @@ from trio_blobs import (
     UploadResult,
     upload,
 )
-from trio_blobs._upload import SMALL_BLOB, WHOLE_POST_SIZE, _held, _with_digest
+from trio_blobs._upload import SMALL_BLOB, WHOLE_POST_LIMIT, _held, _with_digest
 from trio_blobs.testing import Fault, RecordedRequest, Registry
 
 from ._helpers import BASE_URL, CountingTransport, went_backwards
@@ -262,8 +262,8 @@ async def test_small_blobs_go_whole_with_their_post_where_the_registry_takes_the
 ) -> None:
     registry = Registry()
     blob, mountable = mountable_blob(registry, tmp_path)
-    small = write_blobs(tmp_path, *[1000] * 5, WHOLE_POST_SIZE)
-    [large] = write_blobs(tmp_path, WHOLE_POST_SIZE + 1)
+    small = write_blobs(tmp_path, *[1000] * 5, WHOLE_POST_LIMIT - 1)
+    [large] = write_blobs(tmp_path, WHOLE_POST_LIMIT)
     async with httpx.AsyncClient(transport=registry.transport()) as client:
         result = await upload(
             [*small, large, mountable], base_url=BASE_URL, src_dir=tmp_path, client=client

@@ -47,10 +47,10 @@ PROBE_COUNT = 16  # small blobs asked about before the others are taken to be mi
 SMALL_BLOB = 4 * 1024 * 1024  # pushing such a blob that was there after all costs little
 ABANDON_TIMEOUT = 0.5  # seconds a best-effort DELETE of a failed upload session may take
 MAX_416_RECOVERIES = 3  # per attempt, before the attempt starts over with a new session
-# Blobs up to this size are offered whole in their upload's POST. A registry that ignores such a
-# body (the distribution registry, a Go server) reads and drops up to 256 KiB of it, and closes
-# the connection, half a second later, when there is more.
-WHOLE_POST_SIZE = 256 * 1024
+# Blobs smaller than this are offered whole in their upload's POST. A registry that ignores such
+# a body (the distribution registry, a Go server) reads and drops less than 256 KiB of it, and
+# otherwise closes the connection, half a second later.
+WHOLE_POST_LIMIT = 256 * 1024
 # What a registry may answer a POST that carries a whole blob, when it does not take that form.
 _WHOLE_POST_REFUSALS = frozenset({400, 405, 411, 413, 415, 501})
 COMMIT_GRACE = 60.0  # extra seconds a registry may take to answer once a blob is all sent,
@@ -104,7 +104,7 @@ async def upload(
     blobs with ``mount_from`` are mounted from that repository when the registry agrees. The
     others are pushed in one ``PUT``, or in ``PATCH`` chunks of ``chunk_size`` bytes when
     ``chunk_size`` is given, the blob is larger than ``chunk_threshold``, or the registry asks
-    for a minimum chunk length. Without ``chunk_size``, a blob of up to 256 KiB goes with the
+    for a minimum chunk length. Without ``chunk_size``, a blob under 256 KiB goes with the
     upload's ``POST`` itself (``?digest=``), one request instead of two, where the registry
     stores it so: the first such blob finds out while the others wait, and when the registry
     opens a session instead (as the distribution registry does), that blob goes on with a
@@ -524,8 +524,13 @@ class _Pusher:
 
     async def post_whole(self, blob: Blob, watch: Watch) -> bool:
         """Whether to send ``blob`` with its upload's ``POST``."""
-        small = blob.size <= min(WHOLE_POST_SIZE, self._chunk_threshold) and not self._chunk_size
-        return small and blob.mount_from is None and await self.whole_posts.offer(watch)
+        eligible = (
+            blob.size < WHOLE_POST_LIMIT
+            and blob.size <= self._chunk_threshold
+            and not self._chunk_size
+            and blob.mount_from is None
+        )
+        return eligible and await self.whole_posts.offer(watch)
 
     def chunk_size(self, blob: Blob, started: httpx.Response) -> int | None:
         """The chunk size to push ``blob`` with, or None for one PUT."""

@@ -49,6 +49,11 @@ _MESSAGES = {
     "UNSUPPORTED": "the operation is unsupported",
 }
 _STATUS_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 405: "UNSUPPORTED", 429: "TOOMANYREQUESTS"}
+_UNKNOWN_CODES = [  # a 404's code, by the end of its path
+    (re.compile(r"/blobs/uploads/[^/]*$"), "BLOB_UPLOAD_UNKNOWN"),
+    (re.compile(r"/blobs/[^/]+$|^/_storage/"), "BLOB_UNKNOWN"),
+    (re.compile(r"/manifests/[^/]+$"), "MANIFEST_UNKNOWN"),
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -598,12 +603,7 @@ def _fault_reply(status: int, body: bytes | None, path: str) -> _Reply:
         return _Reply(status)
     code = _STATUS_CODES.get(status, "UNKNOWN")
     if status == 404:  # what the registry says of what it does not have
-        kinds = (
-            ("/blobs/uploads/", "BLOB_UPLOAD"),
-            ("/blobs/", "BLOB"),
-            ("/manifests/", "MANIFEST"),
-        )
-        code = next((f"{kind}_UNKNOWN" for part, kind in kinds if part in path), "NAME_UNKNOWN")
+        code = next((c for route, c in _UNKNOWN_CODES if route.search(path)), "NAME_UNKNOWN")
     return _error(status, code, "injected fault")
 
 

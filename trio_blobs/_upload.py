@@ -624,6 +624,7 @@ class _Push:
         uploads_url = self._pusher.uploads_url
         asking = offers.taken is None
         taken: bool | None = None
+        started: httpx.Response | None = None
         try:
             started = await self._request(
                 "POST",
@@ -639,11 +640,11 @@ class _Push:
             if not (asking and exc.status in _WHOLE_POST_REFUSALS):
                 raise
             taken = False  # refused rather than ignored: start a session as usual
-            offers.answer(taken)
             self._session.logger.debug("whole-blob POST refused: %s", exc)
-            return await self._request("POST", uploads_url, (202,), "upload start")
         finally:
             offers.answer(taken)
+        if started is None:
+            return await self._request("POST", uploads_url, (202,), "upload start")
         if taken:
             source.counted.set(blob.size)
             return None

@@ -435,7 +435,6 @@ class Registry:
         if "digest" in call.query and self.whole_posts:
             digest = _valid_digest(call.query["digest"])
             return self._store(name, digest, await call.body.read())
-        await call.body.read()  # not used
         upload_id = str(uuid.uuid4())
         state = secrets.token_urlsafe(12)
         upload = self._uploads[upload_id] = _Upload(name, state, {state})

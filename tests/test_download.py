@@ -342,6 +342,23 @@ async def test_a_crawling_transfer_is_cut_off_and_retried(
     assert_exactly(tmp_path, registry, [*fast, slow])
 
 
+async def test_time_spent_waiting_for_a_body_stream_does_not_make_a_transfer_slow(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    big = add_blobs(registry, *[8_000_000] * 5)
+    medium = add_blobs(registry, *[2_000_000] * 10)
+    registry.add_fault(Fault(trickle=1_000_000, times=None))  # every body at 1 MB/s
+    # The medium blobs wait 8 s for one of the big blobs' streams, then run at the median rate.
+    await download(
+        [*big, *medium], base_url=BASE_URL, dest_dir=tmp_path, client=client, max_body_streams=5
+    )
+    assert len(blob_gets(registry)) == 15
+    assert_exactly(tmp_path, registry, [*big, *medium])
+
+
 # -- 6. retries, backoff, Retry-After; permanent errors at once -----------------------------
 
 
@@ -583,39 +600,45 @@ async def test_an_empty_list_returns_at_once(
 # -- bad input: clear errors before any I/O -------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"base_url": "registry.test"}, ValueError, "base_url"),
-        ({"base_url": BASE_URL + "/v2/"}, ValueError, "without /v2"),
-        ({"repository": "../etc"}, ValueError, "repository"),
-        ({"concurrency": 0}, ValueError, "concurrency"),
-        ({"stall_timeout": 0}, ValueError, "stall_timeout"),
-        ({"blobs": ["sha256:" + "0" * 64]}, TypeError, "Blob"),
-        (
-            {"blobs": [Blob("sha256:" + "0" * 64, 1), Blob("sha256:" + "0" * 64, 2)]},
-            ValueError,
-            "two sizes",
-        ),
-        ({"base_url": "http://user:pw@registry.test"}, ValueError, "no user:password@"),
-        ({"mirrors": ["http://m.test/?x=1"]}, ValueError, "mirror takes no"),
-        ({"rate_limit": float("nan")}, ValueError, "rate_limit must be a finite number"),
-        ({"rate_limit": float("inf")}, ValueError, "rate_limit must be a finite number"),
-        ({"retry": "x"}, TypeError, "retry must be a RetryPolicy"),
-        ({"progress": 5}, TypeError, "progress must be callable"),
-        ({"blob_progress": "no"}, TypeError, "blob_progress must be callable"),
-        ({"get_token": "tok"}, TypeError, "get_token must be an async callable"),
-        (
-            {"token": "a\r\nX-Evil: 1"},
-            ValueError,
-            "token must be a str with no line breaks or NUL$",
-        ),
-        ({"user_agent": "ua\n"}, ValueError, "user_agent must be a str with no line breaks"),
-        ({"dest_dir": None}, TypeError, "dest_dir must be a path"),
-        ({"dest_dir": b"d"}, TypeError, "dest_dir must be a path"),
-        ({"dest_dir": ""}, ValueError, "dest_dir is empty"),
-    ],
-)
+BAD_ARGUMENTS = [
+    ({"base_url": "registry.test"}, ValueError, "base_url"),
+    ({"base_url": BASE_URL + "/v2/"}, ValueError, "without /v2"),
+    ({"repository": "../etc"}, ValueError, "repository"),
+    ({"concurrency": 0}, ValueError, "concurrency"),
+    ({"stall_timeout": 0}, ValueError, "stall_timeout"),
+    ({"blobs": ["sha256:" + "0" * 64]}, TypeError, "Blob"),
+    (
+        {"blobs": [Blob("sha256:" + "0" * 64, 1), Blob("sha256:" + "0" * 64, 2)]},
+        ValueError,
+        "two sizes",
+    ),
+    ({"base_url": "http://user:pw@registry.test"}, ValueError, "no user:password@"),
+    ({"mirrors": ["http://m.test/?x=1"]}, ValueError, "mirror takes no"),
+    ({"rate_limit": float("nan")}, ValueError, "rate_limit must be a finite number"),
+    ({"rate_limit": float("inf")}, ValueError, "rate_limit must be a finite number"),
+    ({"retry": "x"}, TypeError, "retry must be a RetryPolicy"),
+    ({"progress": 5}, TypeError, "progress must be callable"),
+    ({"blob_progress": "no"}, TypeError, "blob_progress must be callable"),
+    ({"get_token": "tok"}, TypeError, "get_token must be an async callable"),
+    (
+        {"token": "a\r\nX-Evil: 1"},
+        ValueError,
+        "token must be a str with no line breaks or NUL$",
+    ),
+    ({"user_agent": "ua\n"}, ValueError, "user_agent must be a str with no line breaks"),
+    ({"dest_dir": None}, TypeError, "dest_dir must be a path"),
+    ({"dest_dir": b"d"}, TypeError, "dest_dir must be a path"),
+    ({"dest_dir": ""}, ValueError, "dest_dir is empty"),
+    ({"stall_timeout": True}, ValueError, "stall_timeout"),
+    ({"fsync": "no"}, TypeError, "fsync must be True or False"),
+    ({"mirror_credentials": 1}, TypeError, "mirror_credentials must be True or False"),
+    ({"logger": "trio_blobs"}, TypeError, "logger must be a logging.Logger"),
+    ({"client": "nope"}, TypeError, "client must be an httpx.AsyncClient"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
+@pytest.mark.parametrize("count", [1, 0])
 async def test_bad_arguments_fail_before_any_request(
     registry: Registry,
     client: httpx.AsyncClient,
@@ -623,9 +646,10 @@ async def test_bad_arguments_fail_before_any_request(
     kwargs: dict[str, object],
     error: type[Exception],
     match: str,
+    count: int,
 ) -> None:
     args: dict[str, object] = {
-        "blobs": add_blobs(registry, 10),
+        "blobs": add_blobs(registry, 10)[:count],
         "base_url": BASE_URL,
         "dest_dir": tmp_path / "d",
         "client": client,
@@ -1265,12 +1289,12 @@ async def test_a_dest_dir_that_is_a_file_is_a_clear_error(
 async def test_blob_progress_follows_each_blob(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    present, flaky, plain = add_blobs(registry, 100, 300_000, 200)
+    present, flaky, plain, empty = add_blobs(registry, 100, 300_000, 200, 0)
     (tmp_path / present.file_name).write_bytes(registry.blobs["library/_"][present.digest])
     registry.add_fault(Fault(digest=flaky.digest, truncate_at=200_000))
     seen: dict[str, list[int]] = {}
     await download(
-        [present, flaky, plain],
+        [present, flaky, plain, empty],
         base_url=BASE_URL,
         dest_dir=tmp_path,
         client=client,
@@ -1278,6 +1302,7 @@ async def test_blob_progress_follows_each_blob(
     )
     assert seen[present.digest] == [100]
     assert seen[plain.digest][-1] == 200
+    assert seen[empty.digest] == [0]  # done, though no byte moved
     flaky_calls = seen[flaky.digest]
     assert 0 in flaky_calls  # the failed attempt went back to nothing
     assert flaky_calls[-1] == 300_000
@@ -1378,17 +1403,18 @@ async def test_fsync_flushes_each_blob_and_its_directory(
     fsync: bool,
     calls: int,
 ) -> None:
-    synced: list[int] = []
+    synced: list[threading.Thread] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
-        synced.append(fd)
+        synced.append(threading.current_thread())
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     blobs = add_blobs(registry, 10, 20)
     await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, fsync=fsync)
     assert len(synced) == calls  # a file and its directory, per blob
+    assert threading.current_thread() not in synced  # never holding up the event loop
     assert_exactly(tmp_path, registry, blobs)
 
 

@@ -1,5 +1,6 @@
 """The stall and slow-transfer watchdog, on virtual time."""
 
+import pytest
 import trio
 import trio.testing
 
@@ -28,6 +29,14 @@ def test_rate_history_keeps_the_last_thirty() -> None:
     assert history.median() == 5.5e6
 
 
+def _monitor(samples: int = 5) -> Monitor:
+    """A monitor whose median rate is 10 MB/s (with enough samples for a verdict at 5)."""
+    history = RateHistory()
+    for _ in range(samples):
+        history.add(10_000_000, 1.0)
+    return Monitor(stall_timeout=10, history=history)
+
+
 async def _watched(monitor: Monitor, feed: list[tuple[float, int]]) -> str | None:
     """Run an attempt that receives ``feed`` (delay, nbytes) and then idles; its verdict."""
     with monitor.watch() as watch:
@@ -53,10 +62,7 @@ async def test_stall_trips_after_stall_timeout_without_bytes(
 async def test_slow_attempt_trips_after_grace_when_below_a_tenth_of_median(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    history = RateHistory()
-    for _ in range(5):
-        history.add(10_000_000, 1.0)  # 10 MB/s
-    monitor = Monitor(stall_timeout=10, history=history)
+    monitor = _monitor()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(monitor.run)
         start = trio.current_time()
@@ -71,11 +77,27 @@ async def test_slow_attempt_trips_after_grace_when_below_a_tenth_of_median(
 async def test_no_slow_verdict_without_enough_history(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    history = RateHistory()
-    for _ in range(4):
-        history.add(10_000_000, 1.0)
-    monitor = Monitor(stall_timeout=10, history=history)
+    monitor = _monitor(samples=4)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(monitor.run)
         assert await _watched(monitor, [(1, 1)] * 20) == "stall"
+        nursery.cancel_scope.cancel()
+
+
+async def test_paused_time_does_not_count_in_an_attempts_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    monitor = _monitor()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(monitor.run)
+        with monitor.watch() as watch:
+            with watch.paused():  # waiting 30 s for a token, say: not the peer's doing
+                await trio.sleep(30)
+            for _ in range(100):  # then 2 MB/s, 20% of the median, for 10 s
+                await trio.sleep(0.1)
+                watch.progress(200_000)
+            now = trio.current_time()
+        assert watch.verdict is None
+        assert watch.active_seconds(now) == pytest.approx(10)
+        assert watch.rate(now) == pytest.approx(2e6)
         nursery.cancel_scope.cancel()

@@ -931,8 +931,13 @@ async def test_nothing_to_do_returns_at_once(
         ({"src_dir": ""}, ValueError, "src_dir is empty"),
         ({"retry": 3}, TypeError, "retry must be a RetryPolicy"),
         ({"progress": 5}, TypeError, "progress must be callable"),
+        ({"stall_timeout": True}, ValueError, "stall_timeout"),
+        ({"token": "a\nb"}, ValueError, "token must be a str with no line breaks"),
+        ({"logger": "trio_blobs"}, TypeError, "logger must be a logging.Logger"),
+        ({"client": "nope"}, TypeError, "client must be an httpx.AsyncClient"),
     ],
 )
+@pytest.mark.parametrize("count", [1, 0])
 async def test_bad_arguments_fail_before_any_request(
     registry: Registry,
     client: httpx.AsyncClient,
@@ -940,9 +945,10 @@ async def test_bad_arguments_fail_before_any_request(
     kwargs: dict[str, object],
     error: type[Exception],
     match: str,
+    count: int,
 ) -> None:
     args: dict[str, object] = {
-        "blobs": write_blobs(tmp_path, 10),
+        "blobs": write_blobs(tmp_path, 10)[:count],
         "base_url": BASE_URL,
         "src_dir": tmp_path,
         "client": client,
@@ -1339,12 +1345,12 @@ async def test_errors_from_a_mock_transport_are_transfer_errors(tmp_path: Path) 
 async def test_blob_progress_follows_each_blob(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    present, mounted, pushed = write_blobs(tmp_path, 100, 200, 3_000_000)
+    present, mounted, pushed, empty = write_blobs(tmp_path, 100, 200, 3_000_000, 0)
     registry.add_blob((tmp_path / present.file_name).read_bytes())
     registry.add_blob((tmp_path / mounted.file_name).read_bytes(), "models/base")
     seen: dict[str, list[int]] = {}
     await upload(
-        [present, Blob(mounted.digest, mounted.size, mount_from="models/base"), pushed],
+        [present, Blob(mounted.digest, mounted.size, mount_from="models/base"), pushed, empty],
         base_url=BASE_URL,
         src_dir=tmp_path,
         client=client,
@@ -1355,3 +1361,4 @@ async def test_blob_progress_follows_each_blob(
     assert seen[mounted.digest] == [200]
     assert seen[pushed.digest][-1] == 3_000_000
     assert seen[pushed.digest] == sorted(seen[pushed.digest])
+    assert seen[empty.digest] == [0]  # done, though no byte moved

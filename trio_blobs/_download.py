@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -22,7 +23,7 @@ import trio
 from ._digest import Blob, hashed_digest, new_hasher
 from ._exceptions import IntegrityError, LocalFileError, TransferError
 from ._monitor import Watch
-from ._protocol import check_announced_digest, check_base_url, check_int
+from ._protocol import check_announced_digest, check_base_url, check_bool, check_int
 from ._retry import RetryPolicy
 from ._session import GetToken, RegistrySession
 from ._transfer import (
@@ -35,6 +36,7 @@ from ._transfer import (
     check_path,
     local_file_errors,
     open_session,
+    session_options,
 )
 
 __all__ = ["DownloadResult", "download"]
@@ -135,20 +137,21 @@ async def download(
     if isinstance(mirrors, str):
         raise TypeError("mirrors must be a sequence of base URLs, not one string")
     mirror_urls = [check_base_url(mirror, "mirror") for mirror in mirrors]
-    if not todo:
-        return DownloadResult((), ())
-    digests = [blob.digest for blob in todo]
-    async with open_session(
+    check_bool("fsync", fsync)
+    check_bool("mirror_credentials", mirror_credentials)
+    options = session_options(
         client=client,
         base_url=base_url,
         repository=repository,
-        concurrency=concurrency,
         token=token,
         get_token=get_token,
         user_agent=user_agent,
         logger=logger,
-        actions="pull",
-    ) as session:
+    )
+    if not todo:
+        return DownloadResult((), ())
+    digests = [blob.digest for blob in todo]
+    async with open_session(options, concurrency=concurrency, actions="pull") as session:
         present = _prepare(dest, todo)
         tracker = Progress(
             progress, total=sum(blob.size for blob in todo), blob_callback=blob_progress
@@ -261,7 +264,7 @@ async def _attempt(
         with partial:
             counted.set(partial.have)
             if partial.have == blob.size:  # all there already, not yet verified
-                partial.commit(fsync=fsync)
+                await _commit(partial, watch, fsync=fsync)
                 return
             headers = dict(_BLOB_HEADERS)
             if partial.have:
@@ -291,7 +294,17 @@ async def _attempt(
                         counted.add(len(chunk))
                         if transfer.rate_limit is not None:
                             await transfer.rate_limit.take(len(chunk), watch)
-                partial.commit(fsync=fsync)
+                await _commit(partial, watch, fsync=fsync)
+
+
+async def _commit(partial: _PartialFile, watch: Watch, *, fsync: bool) -> None:
+    """:meth:`_PartialFile.commit`; with ``fsync``, on a worker thread, as flushing to disk
+    may take long enough to hold up every other transfer (and is not the peer's doing)."""
+    if not fsync:
+        partial.commit(fsync=False)
+        return
+    with watch.paused():
+        await trio.to_thread.run_sync(functools.partial(partial.commit, fsync=True))
 
 
 _WORKERS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trio_blobs.workers")

@@ -22,7 +22,7 @@ from ._exceptions import IntegrityError, ProtocolError, StallError, TransferErro
 from ._protocol import TAG_RE
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import GetToken, RegistrySession
-from ._transfer import check_stall_and_retry, open_session
+from ._transfer import check_stall_and_retry, open_session, session_options
 
 __all__ = [
     "Descriptor",
@@ -365,17 +365,16 @@ async def fetch_manifest(
         raise ValueError(f"reference must be a tag or a digest, got {reference!r}")
     check_stall_and_retry(stall_timeout, retry)
     policy = retry or RetryPolicy()
-    async with open_session(
+    options = session_options(
         client=client,
         base_url=base_url,
         repository=repository,
-        concurrency=1,
         token=token,
         get_token=get_token,
         user_agent=user_agent,
         logger=logger,
-        actions="pull",
-    ) as session:
+    )
+    async with open_session(options, concurrency=1, actions="pull") as session:
         manifest = await _fetch(session, reference, None, stall_timeout, policy)
         if not manifest.is_index:
             return manifest

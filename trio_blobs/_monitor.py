@@ -49,6 +49,8 @@ class Watch:
         "cancel_scope",
         "grace",
         "last_activity",
+        "paused_at",
+        "paused_seconds",
         "pauses",
         "started",
         "transferred",
@@ -62,6 +64,8 @@ class Watch:
         self.transferred = 0
         self.url: httpx.URL | None = None  # the URL last asked for, to name in errors
         self.pauses = 0  # while above 0, the attempt waits on something that is not the peer
+        self.paused_at = 0.0  # when the current pause began
+        self.paused_seconds = 0.0  # time spent in pauses that ended
         self.grace = 0.0  # extra seconds the peer may take: set when it has all it needs
         self.verdict: str | None = None  # "stall" or "slow" once tripped
 
@@ -72,8 +76,17 @@ class Watch:
 
     def paused(self) -> _Pause:
         """Not judged meanwhile (``with watch.paused():`` waiting for a token, say); the stall
-        clock restarts after."""
+        clock restarts after, and the time does not count in the attempt's rate."""
         return _Pause(self)
+
+    def active_seconds(self, now: float) -> float:
+        """Seconds since the attempt started, leaving out the pauses that ended."""
+        return now - self.started - self.paused_seconds
+
+    def rate(self, now: float) -> float:
+        """Bytes per second so far, over :meth:`active_seconds`."""
+        seconds = self.active_seconds(now)
+        return self.transferred / seconds if seconds > 0 else 0.0
 
     def trip(self, verdict: str) -> None:
         """Cancel the attempt, recording why."""
@@ -93,8 +106,7 @@ class Watch:
                 waited = f"no answer for {stall_timeout + self.grace:g} s after the last byte"
             return StallError(waited, digest=digest, url=url)
         if self.verdict == "slow":
-            seconds = self.last_activity - self.started
-            rate = self.transferred / seconds if seconds > 0 else 0.0
+            rate = self.rate(self.last_activity)
             return SlowTransferError(
                 f"cut off at {rate / 1e6:.3f} MB/s, far below recent transfers",
                 digest=digest,
@@ -112,11 +124,17 @@ class _Pause:
         self._watch = watch
 
     def __enter__(self) -> None:
-        self._watch.pauses += 1
+        watch = self._watch
+        if not watch.pauses:
+            watch.paused_at = trio.current_time()
+        watch.pauses += 1
 
     def __exit__(self, *exc_info: object) -> None:
-        self._watch.pauses -= 1
-        self._watch.progress(0)
+        watch = self._watch
+        watch.pauses -= 1
+        watch.progress(0)
+        if not watch.pauses:
+            watch.paused_seconds += watch.last_activity - watch.paused_at
 
 
 class _Watching:
@@ -169,10 +187,13 @@ class Monitor:
                 continue
             if now - watch.last_activity >= self.stall_timeout + watch.grace:
                 watch.trip("stall")
-            elif median is not None and not watch.grace and now - watch.started >= SLOW_GRACE:
-                rate = watch.transferred / (now - watch.started)
-                if rate < SLOW_FRACTION * median:
-                    watch.trip("slow")
+            elif (
+                median is not None
+                and not watch.grace
+                and watch.active_seconds(now) >= SLOW_GRACE
+                and watch.rate(now) < SLOW_FRACTION * median
+            ):
+                watch.trip("slow")
 
     async def run(self) -> None:
         """Check the active attempts a few times a second, forever."""

@@ -31,6 +31,12 @@ def check_int(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raise :class:`TypeError` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_repository(repository: object) -> str:
     """Return ``repository`` if it is a usable repository name, else raise :class:`ValueError`."""
     if not isinstance(repository, str) or not _REPOSITORY_RE.fullmatch(repository):

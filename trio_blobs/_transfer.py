@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -100,7 +101,11 @@ def check_options(
 def check_stall_and_retry(stall_timeout: float, retry: RetryPolicy | None) -> None:
     """Raise :class:`ValueError` / :class:`TypeError` for a ``stall_timeout`` or ``retry``
     that no transfer (or manifest fetch) can run with."""
-    if not isinstance(stall_timeout, int | float) or not stall_timeout > 0:
+    if (
+        isinstance(stall_timeout, bool)
+        or not isinstance(stall_timeout, int | float)
+        or not stall_timeout > 0
+    ):
         raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
@@ -210,6 +215,8 @@ class AttemptProgress:
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         if kind is not None:
             self.set(0)
+        elif not self._blob.size:  # done, with no byte to have reported it
+            self._progress.blob(self._blob, 0)
 
     def set(self, value: int) -> None:
         """This attempt has now moved ``value`` bytes (fewer after a rewind)."""
@@ -308,7 +315,9 @@ class Transfer:
                         await attempt(watch)
                 error = watch.error(stall_timeout=self.monitor.stall_timeout, digest=blob.digest)
                 if error is None:
-                    self.monitor.history.add(watch.transferred, trio.current_time() - watch.started)
+                    self.monitor.history.add(
+                        watch.transferred, watch.active_seconds(trio.current_time())
+                    )
                     return
                 raise error
             except TransferError as exc:
@@ -350,20 +359,30 @@ def _leaves(exc: BaseException) -> Iterable[BaseException]:
         yield exc
 
 
-@asynccontextmanager
-async def open_session(
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """What :func:`open_session` needs from a caller, checked by :func:`session_options`."""
+
+    client: httpx.AsyncClient | None
+    base_url: httpx.URL
+    repository: str
+    credentials: Credentials
+    user_agent: str | None
+    logger: logging.Logger
+
+
+def session_options(
     *,
     client: httpx.AsyncClient | None,
     base_url: str,
     repository: str,
-    concurrency: int,
     token: str | None,
     get_token: GetToken | None,
     user_agent: str | None,
     logger: logging.Logger | None,
-    actions: str,
-) -> AsyncIterator[RegistrySession]:
-    """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
+) -> SessionOptions:
+    """The options of a registry session, or :class:`ValueError` / :class:`TypeError` for one
+    that no session can run with."""
     url = check_base_url(base_url)
     check_repository(repository)
     for name, value in (("token", token), ("user_agent", user_agent)):
@@ -372,19 +391,40 @@ async def open_session(
             raise ValueError(f"{name} must be a str with no line breaks or NUL{shown}")
     if get_token is not None and not callable(get_token):
         raise TypeError(f"get_token must be an async callable, got {get_token!r}")
-    if client is not None and client.is_closed:
-        raise ValueError("client is closed: pass an open httpx.AsyncClient, or none")
+    if logger is not None and not isinstance(logger, logging.Logger | logging.LoggerAdapter):
+        raise TypeError(f"logger must be a logging.Logger, got {logger!r}")
+    if client is not None:
+        if not isinstance(client, httpx.AsyncClient):
+            raise TypeError(f"client must be an httpx.AsyncClient, got {client!r}")
+        if client.is_closed:
+            raise ValueError("client is closed: pass an open httpx.AsyncClient, or none")
+    return SessionOptions(
+        client=client,
+        base_url=url,
+        repository=repository,
+        credentials=Credentials(token=token, get_token=get_token),
+        user_agent=user_agent,
+        logger=logger or DEFAULT_LOGGER,
+    )
+
+
+@asynccontextmanager
+async def open_session(
+    options: SessionOptions, *, concurrency: int, actions: str
+) -> AsyncIterator[RegistrySession]:
+    """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
+    client = options.client
     own = None
     if client is None:
         client = own = TransferClient(max_idle_connections=concurrency)
     try:
         yield RegistrySession(
             client=client,
-            base_url=url,
-            repository=repository,
-            credentials=Credentials(token=token, get_token=get_token),
-            user_agent=user_agent,
-            logger=logger or DEFAULT_LOGGER,
+            base_url=options.base_url,
+            repository=options.repository,
+            credentials=options.credentials,
+            user_agent=options.user_agent,
+            logger=options.logger,
             actions=actions,
         )
     finally:

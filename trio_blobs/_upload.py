@@ -34,6 +34,7 @@ from ._transfer import (
     check_path,
     local_file_errors,
     open_session,
+    session_options,
 )
 
 __all__ = ["UploadResult", "upload"]
@@ -137,20 +138,19 @@ async def upload(
         check_int("chunk_size", chunk_size)
     manifest_plan = _check_manifest(manifest, manifest_ref, manifest_media_type)
     src = check_path("src_dir", src_dir)
-    if not todo and manifest_plan is None:
-        return UploadResult((), (), (), None)
-    _check_sources(src, todo)
-    async with open_session(
+    options = session_options(
         client=client,
         base_url=base_url,
         repository=repository,
-        concurrency=concurrency,
         token=token,
         get_token=get_token,
         user_agent=user_agent,
         logger=logger,
-        actions="pull,push",
-    ) as session:
+    )
+    if not todo and manifest_plan is None:
+        return UploadResult((), (), (), None)
+    _check_sources(src, todo)
+    async with open_session(options, concurrency=concurrency, actions="pull,push") as session:
         transfer = Transfer(
             session=session,
             concurrency=concurrency,

@@ -296,6 +296,25 @@ async def test_a_pull_into_an_oci_layout_that_an_interrupted_first_pull_left_sta
     assert_pulled(tmp_path, "oci", image, "v1")
 
 
+def test_a_pull_into_an_oci_layout_tolerates_another_moving_its_blobs_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = _cli._OciLayout(tmp_path)
+    blob = Blob.from_bytes(b"tensor")
+    real_replace = os.replace
+
+    def raced(src: str, dst: str) -> None:
+        real_replace(src, dst)  # another pull into DIR, ending first, moves the blob
+        real_replace(src, dst)  # then this one finds it gone
+
+    monkeypatch.setattr(os, "replace", raced)
+    with layout.receiving() as staging:
+        staging.mkdir()
+        (staging / blob.file_name).write_bytes(b"tensor")
+    assert layout.blob_path(blob.digest).read_bytes() == b"tensor"
+    assert not staging.exists()
+
+
 async def test_blobs_a_killed_pull_left_finished_in_the_staging_are_not_counted_as_pulled(
     served: Served, tmp_path: Path
 ) -> None:
@@ -699,7 +718,18 @@ def test_reference_parse(
 
 @pytest.mark.parametrize(
     "text",
-    ["", "Upper/case", "a//b", "name:", "name@", "name@sha256:123", "a/b:t/x", "http://host:1"],
+    [
+        "",
+        "Upper/case",
+        "a//b",
+        "name:",
+        "name@",
+        "name@sha256:123",
+        "a/b:t/x",
+        "http://host:1",
+        "host:99999/a/b",
+        "host:0/a/b",
+    ],
 )
 def test_bad_references_are_usage_errors(text: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the mistake
@@ -710,6 +740,47 @@ def test_bad_references_are_usage_errors(text: str, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "bad reference" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--url", "http://127.0.0.1:notaport"], "'127.0.0.1:notaport' is not a registry"),
+        (["demo", "--url", "http://127.0.0.1:70000"], "'127.0.0.1:70000' is not a registry"),
+        (
+            ["pull", "--concurrency", "\u00b2", "a/b", "d"],
+            "expected a whole number >= 1, got '\u00b2'",
+        ),
+        (["serve", "--port", "\u0665"], "expected a port number (0-65535), got '\u0665'"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        BaseExceptionGroup("tasks ending", [KeyboardInterrupt(), ValueError("x")]),
+        trio.TrioInternalError("internal error in Trio"),
+    ],
+)
+def test_a_second_ctrl_c_while_tasks_end_exits_quietly(
+    raised: BaseException, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(*args: object) -> int:
+        if isinstance(raised, trio.TrioInternalError):
+            raise raised from KeyboardInterrupt()  # as when the signal reaches trio's own code
+        raise raised
+
+    monkeypatch.setattr(trio, "run", run)
+    assert main(["serve", "--port", "0"]) == 130
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
@@ -875,6 +946,14 @@ async def test_https_to_a_plain_http_registry_is_explained(served: Served, tmp_p
     assert (
         "Try: is this a plain-HTTP registry? Use an http:// reference or --insecure." in done.stderr
     )
+
+
+async def test_the_demo_on_https_to_a_plain_http_registry_is_told_of_its_own_option(
+    served: Served,
+) -> None:
+    done = await cli("demo", "--url", f"https://{served.host}", "--size", "2MB")
+    assert done.returncode == 1
+    assert "Try: is this a plain-HTTP registry? Use an http:// --url." in done.stderr
 
 
 @pytest.mark.parametrize("layout", ["ollama", "oci"])

@@ -106,15 +106,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code: int = trio.run(_run, args)
         except Exception as exc:  # a bug: say so briefly, in full with -v
+            if _interrupted(exc):
+                return 130
             if args.verbose:
                 traceback.print_exception(exc)
             while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]
             print(f"trio-blobs: unexpected error: {exc!r} (-v shows where)", file=sys.stderr)
             return 1
-    except KeyboardInterrupt:  # before the command runs, or a second Ctrl-C
-        return 130
+    except BaseException as exc:  # before the command runs, or a second Ctrl-C
+        if _interrupted(exc):
+            return 130
+        raise
     return code
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is or holds a KeyboardInterrupt, or was raised while one was handled: a
+    second Ctrl-C can reach tasks that are ending, or trio itself, wherever they are."""
+    for link in _chain(exc):
+        if isinstance(link, KeyboardInterrupt) or (
+            isinstance(link, BaseExceptionGroup) and link.subgroup(KeyboardInterrupt) is not None
+        ):
+            return True
+    return False
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -304,13 +319,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port number (0-65535), got {text!r}")
     return int(text)
 
@@ -332,7 +347,12 @@ def _repository(text: str) -> str:
 def _url(text: str) -> str:
     if not re.fullmatch(r"https?://[^/\s]+/?", text):
         raise argparse.ArgumentTypeError(f"expected http(s)://HOST[:PORT], got {text!r}")
-    return text.rstrip("/")
+    url = text.rstrip("/")
+    try:
+        Reference.parse(f"{url}/{DEMO_REPOSITORY}")  # where the demo will write
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return url
 
 
 def _size_arg(text: str) -> int:
@@ -461,6 +481,8 @@ def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -
     where = {"digest": exc.digest, "url": exc.url} if isinstance(exc, TransferError) else {}
     known = {key: value for key, value in where.items() if value}
     meaning, hint = _advice(exc)
+    if args.command == "demo":  # it has --url, neither a reference nor --insecure
+        hint = hint.replace(_PLAIN_HTTP, "an http:// --url")
     lines = [f"trio-blobs: {headline}", message, *(f"{k}: {v}" for k, v in known.items())]
     print("\n  ".join([*lines, meaning, f"Try: {hint}"]), file=sys.stderr)
     record: dict[str, object] = {"ok": False, "error": message, **known}
@@ -470,6 +492,7 @@ def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -
     _emit_json(args, record)
 
 
+_PLAIN_HTTP = "an http:// reference or --insecure"  # in hints; demo's differ
 _REGISTRY_ADVICE = {
     "MANIFEST_UNKNOWN": (
         "The repository has no manifest with that tag or digest.",
@@ -515,8 +538,8 @@ _ADVICE: list[tuple[tuple[type[Exception], ...], str, str]] = [
     (
         (ConnectionFailedError,),
         "The registry could not be reached, or the connection dropped.",
-        "check the address and that the registry is up; a plain-HTTP registry needs --insecure "
-        "or an http:// reference.",
+        f"check the address and that the registry is up; a plain-HTTP registry needs "
+        f"{_PLAIN_HTTP}.",
     ),
     (
         (StallError, SlowTransferError),
@@ -551,7 +574,7 @@ def _advice(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, ConnectionFailedError) and tls is not None:
         return (
             f"The TLS handshake with the registry failed ({tls.reason or tls}).",
-            "is this a plain-HTTP registry? Use an http:// reference or --insecure.",
+            f"is this a plain-HTTP registry? Use {_PLAIN_HTTP}.",
         )
     if isinstance(exc, PlatformNotFoundError):
         choices = " or ".join(f"--platform {p}" for p in exc.available[:3])
@@ -894,7 +917,8 @@ class _OciLayout(_Layout):
                     with contextlib.suppress(ValueError):  # not a finished blob: leave it
                         target = self.blob_path(path_to_digest(path.name))
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(path, target)
+                        with contextlib.suppress(FileNotFoundError):  # another pull moved it
+                            os.replace(path, target)
                 with contextlib.suppress(OSError):
                     staging.rmdir()
 

@@ -19,7 +19,7 @@ import trio
 
 from ._digest import Blob, check_digest, compute_digest
 from ._exceptions import IntegrityError, ProtocolError, StallError, TransferError
-from ._protocol import TAG_RE
+from ._protocol import MAX_PORT, TAG_RE
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import GetToken, RegistrySession
 from ._transfer import check_stall_and_retry, open_session, session_options
@@ -61,7 +61,7 @@ _OCI_EQUIVALENTS = {
 # OCI distribution spec: path components of a repository name, and a registry host[:port].
 _COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
 _REGISTRY_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d+)?"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?"
 )
 
 # Architecture names as machines report them -> (OCI architecture, variant).
@@ -94,7 +94,8 @@ class Reference:
     scheme: str = "https"
 
     def __post_init__(self) -> None:
-        if not _REGISTRY_RE.fullmatch(self.registry):
+        registry = _REGISTRY_RE.fullmatch(self.registry)
+        if not registry or not 0 < int(registry[1] or 443) <= MAX_PORT:
             raise ValueError(f"{self.registry!r} is not a registry host[:port]")
         if not all(_COMPONENT_RE.fullmatch(c) for c in self.repository.split("/")):
             raise ValueError(

@@ -18,6 +18,7 @@ from ._exceptions import AuthenticationError, IntegrityError, ProtocolError, Reg
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
 MAX_REDIRECTS = 10
+MAX_PORT = 65535
 
 # Path components of a repository name: generous enough for every real registry, strict enough
 # that a name can never step out of its URL path.
@@ -64,6 +65,8 @@ def check_base_url(base_url: object, name: str = "base_url") -> httpx.URL:
             f"{name} takes no user:password@ (credentials come from token= or get_token=), "
             f"query or fragment: got {base_url!r}"
         )
+    if url.port is not None and not 0 < url.port <= MAX_PORT:
+        raise ValueError(f"{name} has a port outside 1-{MAX_PORT}: got {base_url!r}")
     path = url.path.rstrip("/") or "/"
     if path.endswith("/v2"):
         raise ValueError(f"{name} is the registry's root, without /v2: got {base_url!r}")

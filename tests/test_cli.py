@@ -5,6 +5,7 @@ wrote; plus its parsers (references, platforms, manifests) as pure functions."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.metadata
 import io
@@ -24,7 +25,16 @@ import pytest
 import trio
 import trio.testing
 
-from trio_blobs import Blob, IntegrityError, ProtocolError, RetriesExhaustedError, _cli, upload
+import trio_blobs._upload
+from trio_blobs import (
+    Blob,
+    IntegrityError,
+    LocalFileError,
+    ProtocolError,
+    RetriesExhaustedError,
+    _cli,
+    upload,
+)
 from trio_blobs._auth_provider import RegistryAuth
 from trio_blobs._cli import main
 from trio_blobs._digest import compute_digest
@@ -389,6 +399,33 @@ async def test_a_push_of_a_damaged_file_says_how_to_repair_it(
     assert "A file in DIR is damaged" in pushed.stderr
     assert "Try: delete that file, pull the image again, then push." in pushed.stderr
     assert "copies/model" not in served.registry.manifests
+
+
+async def test_a_push_from_an_oci_layout_names_its_files_in_errors(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = make_image(100, 1000)
+    store(served.registry, image, "library/model", "v1")
+    pulled = await cli("pull", f"{served.url}/library/model:v1", tmp_path, "--layout", "oci")
+    assert pulled.returncode == 0, pulled.stderr
+    layout = _cli._OciLayout(tmp_path)
+    broken = image.blobs[2]
+    real_open = trio_blobs._upload._open_source
+
+    def open_source(path: Path) -> int:
+        if path.name == broken.file_name:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path)
+
+    monkeypatch.setattr(trio_blobs._upload, "_open_source", open_source)
+    ref = Reference.parse(f"{served.url}/copies/model:v1")
+    async with TransferClient(max_idle_connections=4) as client:
+        remote = _cli._Remote(client, RegistryAuth(ref.base_url, None, None), None, "off")
+        with pytest.raises(LocalFileError) as caught:
+            await _cli._push_image(remote, ref, layout, layout.load("v1"), None)
+    assert str(caught.value) == (
+        f"{broken.digest}: {layout.blob_path(broken.digest)}: Too many open files"
+    )
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

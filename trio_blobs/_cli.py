@@ -1222,20 +1222,24 @@ async def _push_image(
         layout.sending(blobs) as src,
         _Progress("push", total=size, blobs=len(blobs), style=remote.style) as progress,
     ):
-        result = await upload(
-            blobs,
-            base_url=ref.base_url,
-            repository=ref.repository,
-            src_dir=src,
-            concurrency=remote.concurrency or PUSH_CONCURRENCY,
-            progress=progress,
-            blob_progress=progress.blob,
-            client=remote.client,
-            get_token=remote.auth,
-            manifest=manifest.data,
-            manifest_ref=ref.tag or manifest.digest,
-            manifest_media_type=manifest.media_type,
-        )
+        try:
+            result = await upload(
+                blobs,
+                base_url=ref.base_url,
+                repository=ref.repository,
+                src_dir=src,
+                concurrency=remote.concurrency or PUSH_CONCURRENCY,
+                progress=progress,
+                blob_progress=progress.blob,
+                client=remote.client,
+                get_token=remote.auth,
+                manifest=manifest.data,
+                manifest_ref=ref.tag or manifest.digest,
+                manifest_media_type=manifest.media_type,
+            )
+        except TransferError as exc:
+            _name_layout_files(exc, src, layout)
+            raise
     uploaded = set(result.uploaded)
     return _Stats(
         digest=manifest.digest,
@@ -1248,6 +1252,17 @@ async def _push_image(
         seconds=time.perf_counter() - started,
         requests=remote.client.requests - requests,
     )
+
+
+def _name_layout_files(exc: TransferError, src: Path, layout: _Layout) -> None:
+    """Where ``exc`` (or the error it gave up on) names a blob's file in ``src``, name the
+    layout's own file instead: an OCI layout's are pushed through links in a temporary
+    directory, gone once the command ends."""
+    last = exc.last_error if isinstance(exc, RetriesExhaustedError) else None
+    for error in (exc, last):
+        if error is not None and error.digest is not None:
+            link = str(src / digest_to_path(error.digest))
+            error.message = error.message.replace(link, str(layout.blob_path(error.digest)))
 
 
 async def _pull(args: argparse.Namespace) -> int:

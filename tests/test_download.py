@@ -1246,7 +1246,7 @@ async def test_a_short_body_without_length_is_reported_as_such(
 @pytest.mark.parametrize(
     ("header", "value", "message"),
     [
-        ("content-length", "999", "announced 999 bytes"),
+        ("content-length", "999", "announced 999 bytes for a blob of 1000 bytes"),
         ("docker-content-digest", "sha256:" + "0" * 64, "announced digest"),
     ],
 )

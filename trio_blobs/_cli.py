@@ -548,7 +548,8 @@ _ADVICE: list[tuple[tuple[type[Exception], ...], str, str]] = [
     ),
     (
         (IntegrityError,),
-        "What arrived does not match its digest: the registry, a proxy or the disk corrupted it.",
+        "What arrived does not match its digest or size: the registry, a proxy or the disk "
+        "corrupted it, or the manifest gives a wrong size.",
         "run the command again; if it keeps failing, the registry holds a broken blob.",
     ),
     (

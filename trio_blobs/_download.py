@@ -423,10 +423,10 @@ def _check_length(blob: Blob, start: int, response: httpx.Response) -> None:
             )
     length = response.headers.get("content-length")
     if length is not None and length.strip() != str(blob.size - start):
-        rest = f" from byte {start}" if start else ""
+        rest = f" from byte {start}, which leaves {blob.size - start}," if start else ""
         raise IntegrityError(
-            f"server announced {length.strip()} bytes{rest}, where Blob.size {blob.size} "
-            f"leaves {blob.size - start}",
+            f"the registry announced {length.strip()} bytes{rest} for a blob of {blob.size} "
+            f"bytes (is its size right?)",
             digest=blob.digest,
             url=str(response.request.url),
         )

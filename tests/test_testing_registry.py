@@ -18,9 +18,12 @@ import trio_blobs.testing
 from trio_blobs._digest import compute_digest
 from trio_blobs.testing import Fault, Registry
 
+from ._real import skopeo  # noqa: F401 - a fixture
+
 Connect = Callable[[Registry], AbstractAsyncContextManager[httpx.AsyncClient]]
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
+CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
 @asynccontextmanager
@@ -84,6 +87,40 @@ def test_fault_validates() -> None:
     ):
         with pytest.raises(ValueError):  # noqa: PT011
             Fault(**bad)
+    for wrong, message in (
+        ({"body": "<html>"}, "body and extra must be bytes"),
+        ({"extra": "x"}, "body and extra must be bytes"),
+        ({"headers": {"Retry-After": 1}}, "headers must map str to str"),
+        ({"truncate_at": 5.5}, "truncate_at must be an int or None"),
+        ({"times": True}, "times must be an int or None"),
+        ({"method": b"GET"}, "method must be a str or None"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            Fault(**wrong)  # type: ignore[arg-type]
+
+
+def test_blobs_go_only_into_repositories_the_registry_serves() -> None:
+    registry = Registry()
+    for name in ("Org/App", "", "org/app/", "a//b"):
+        with pytest.raises(ValueError, match="is not a repository name"):
+            registry.add_blob(b"x", name)
+    assert registry.blobs == {}
+
+
+async def test_an_answer_without_a_body_can_be_lost_or_held(connect: Connect) -> None:
+    registry = Registry()
+    data = b"tensor"
+    digest = compute_digest(data)
+    registry.add_fault(Fault(method="POST", digest=digest, truncate_at=0))  # by its ?digest=
+    async with connect(registry) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(f"/v2/app/blobs/uploads/?digest={digest}", content=data)
+        assert registry.blobs["app"][digest] == data  # it took effect; its answer was lost
+        registry.add_fault(Fault(method="HEAD", digest=digest, stall_after=0))
+        with trio.move_on_after(0.2) as held:
+            await client.head(f"/v2/app/blobs/{digest}")
+        assert held.cancelled_caught
+        assert (await client.head(f"/v2/app/blobs/{digest}")).status_code == 200
 
 
 async def test_blob_get_head_and_unknown(connect: Connect) -> None:
@@ -227,6 +264,68 @@ async def test_mount(connect: Connect) -> None:
         refused = await client.post("/v2/other/blobs/uploads/", params=params)
         assert refused.status_code == 202
     assert "other" not in registry.blobs
+
+
+def small_image(registry: Registry, repository: str) -> bytes:
+    """An image manifest whose config (its only blob) is stored in ``repository``."""
+    config = registry.add_blob(b"{}", repository)
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": CONFIG, "digest": config.digest, "size": config.size},
+            "layers": [],
+        }
+    ).encode()
+
+
+async def test_tags_and_repositories_are_listed_a_page_at_a_time(connect: Connect) -> None:
+    registry = Registry()
+    manifest = small_image(registry, "org/app")
+    registry.add_blob(b"only a blob", "org/blobs")
+    async with connect(registry) as client:
+        for tag in ("v2", "v1", "latest"):
+            put = await client.put(
+                f"/v2/org/app/manifests/{tag}", content=manifest, headers={"Content-Type": MANIFEST}
+            )
+            assert put.status_code == 201
+        listed = await client.get("/v2/org/app/tags/list")
+        assert listed.json() == {"name": "org/app", "tags": ["latest", "v1", "v2"]}
+        first = await client.get("/v2/org/app/tags/list", params={"n": "2"})
+        assert first.json()["tags"] == ["latest", "v1"]
+        assert first.headers["link"] == '</v2/org/app/tags/list?n=2&last=v1>; rel="next"'
+        rest = await client.get("/v2/org/app/tags/list", params={"n": "2", "last": "v1"})
+        assert rest.json()["tags"] == ["v2"]
+        assert "link" not in rest.headers
+        assert (await client.get("/v2/org/blobs/tags/list")).json()["tags"] == []
+        unknown = await client.get("/v2/org/none/tags/list")
+        assert (unknown.status_code, error_code(unknown)) == (404, "NAME_UNKNOWN")
+        bad = await client.get("/v2/org/app/tags/list", params={"n": "-1"})
+        assert (bad.status_code, error_code(bad)) == (400, "PAGINATION_NUMBER_INVALID")
+        catalog = await client.get("/v2/_catalog")
+        assert catalog.json() == {"repositories": ["org/app", "org/blobs"]}
+        assert (await client.head("/v2/")).status_code == 200
+
+
+async def test_skopeo_lists_and_inspects_what_the_registry_serves(skopeo: str) -> None:  # noqa: F811
+    registry = Registry()
+    manifest = small_image(registry, "org/app")
+    async with registry.serving() as url:
+        host = url.removeprefix("http://")
+        async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+            put = await client.put(
+                "/v2/org/app/manifests/v1", content=manifest, headers={"Content-Type": MANIFEST}
+            )
+            assert put.status_code == 201
+        tls = "--tls-verify=false"
+        tags = await trio.run_process(
+            [skopeo, "list-tags", tls, f"docker://{host}/org/app"], capture_stdout=True
+        )
+        assert json.loads(tags.stdout)["Tags"] == ["v1"]
+        raw = await trio.run_process(
+            [skopeo, "inspect", tls, "--raw", f"docker://{host}/org/app:v1"], capture_stdout=True
+        )
+        assert raw.stdout == manifest
 
 
 async def test_manifests(connect: Connect) -> None:

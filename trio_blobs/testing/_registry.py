@@ -17,7 +17,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 import httpx
 import trio
@@ -42,6 +42,7 @@ _MESSAGES = {
     "MANIFEST_INVALID": "manifest invalid",
     "MANIFEST_UNKNOWN": "manifest unknown to registry",
     "NAME_UNKNOWN": "repository name not known to registry",
+    "PAGINATION_NUMBER_INVALID": "invalid number of results requested",
     "SIZE_INVALID": "provided length did not match content length",
     "TOOMANYREQUESTS": "too many requests",
     "UNAUTHORIZED": "authentication required",
@@ -73,8 +74,10 @@ class RecordedRequest:
 class Fault:
     """Misbehaviour applied to the next ``times`` requests that match.
 
-    A request matches when its method is ``method`` (``None``: any), its path names ``digest``
-    and contains ``path`` (each ``None``: anything). ``matched`` counts the requests it applied to.
+    A request matches when its method is ``method`` (``None``: any), its path or query names
+    ``digest`` (a blob's ``GET``, the ``PUT`` or ``POST`` that uploads it, a mount of it), and its
+    path (without the query) contains ``path``; ``None`` matches anything. ``matched`` counts
+    the requests it applied to.
 
     ``status`` answers with that status (and ``body``, else a JSON error whose code a registry
     would send: ``BLOB_UNKNOWN`` for a 404 of a blob, say) without touching the registry's
@@ -85,7 +88,9 @@ class Fault:
     Content-Length follows; then at most ``min(stall_after, truncate_at)`` bytes are sent, at
     ``trickle`` bytes per second if set. After ``stall_after`` bytes nothing more is sent until
     the request is cancelled; after ``truncate_at`` the connection drops (the in-memory
-    transport raises :class:`httpx.RemoteProtocolError`).
+    transport raises :class:`httpx.RemoteProtocolError`). A response without a body to cut (a
+    ``HEAD``'s, a ``201``'s) stalls or drops in place of its head: the request took effect, and
+    its answer never comes.
     """
 
     method: str | None = "GET"
@@ -104,6 +109,17 @@ class Fault:
     matched: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        for name in ("method", "path"):
+            if not isinstance(getattr(self, name), str | None):
+                raise TypeError(f"{name} must be a str or None, got {getattr(self, name)!r}")
+        for name in ("times", "status", "stall_after", "truncate_at"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if not isinstance(self.body, bytes | None) or not isinstance(self.extra, bytes):
+            raise TypeError("body and extra must be bytes")
+        if not all(isinstance(x, str) for item in self.headers.items() for x in item):
+            raise TypeError(f"headers must map str to str, got {self.headers!r}")
         if self.digest is not None:
             check_digest(self.digest)
         if self.times is not None and self.times < 1:
@@ -115,11 +131,11 @@ class Fault:
         if min(self.stall_after or 0, self.truncate_at or 0) < 0:
             raise ValueError("stall_after and truncate_at must be >= 0")
 
-    def _matches(self, method: str, path: str) -> bool:
+    def _matches(self, method: str, path: str, query: str) -> bool:
         return (
             (self.times is None or self.matched < self.times)
             and (self.method is None or self.method.upper() == method)
-            and (self.digest is None or self.digest in path)
+            and (self.digest is None or self.digest in path or self.digest in query)
             and (self.path is None or self.path in path)
         )
 
@@ -249,6 +265,10 @@ class Registry:
 
     def add_blob(self, data: bytes, repository: str = "library/_") -> Blob:
         """Store ``data`` in ``repository`` and return the blob it is."""
+        if not isinstance(repository, str) or not re.fullmatch(_NAME, repository):
+            raise ValueError(
+                f"{repository!r} is not a repository name (lower-case components, '/' between)"
+            )
         blob = Blob.from_bytes(data)
         self.blobs.setdefault(repository, {})[blob.digest] = data
         return blob
@@ -316,7 +336,7 @@ class Registry:
         self.requests.append(record)
         raw_path, _, query = target.partition("?")
         path = unquote(raw_path)
-        fault = next((f for f in self.faults if f._matches(method, path)), None)
+        fault = next((f for f in self.faults if f._matches(method, path, unquote(query))), None)
         counted = _Body(body)
         if fault is not None:
             fault.matched += 1
@@ -328,7 +348,7 @@ class Registry:
         self._record_size(record, counted.size)
         if fault is not None:
             await trio.sleep(fault.delay)
-        return _respond(method, reply, fault)
+        return await _respond(method, reply, fault)
 
     def _record_size(self, record: RecordedRequest, size: int) -> None:
         # Search from the end: the record is recent, and a test may have cleared the list.
@@ -531,6 +551,17 @@ class Registry:
             {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest},
         )
 
+    async def _list_tags(self, call: _Call) -> _Reply:
+        name = call.params["name"]
+        if name not in self.manifests and name not in self.blobs:
+            raise _Refused(_error(404, "NAME_UNKNOWN", {"name": name}))
+        tags = sorted(ref for ref in self.manifests.get(name, {}) if ":" not in ref)
+        return _page(call, f"/v2/{name}/tags/list", "tags", tags, name=name)
+
+    async def _catalog(self, call: _Call) -> _Reply:
+        repositories = sorted(self.manifests.keys() | self.blobs.keys())
+        return _page(call, "/v2/_catalog", "repositories", repositories)
+
     async def _get_manifest(self, call: _Call) -> _Reply:
         reference = call.params["reference"]
         found = self.manifests.get(call.params["name"], {}).get(reference)
@@ -543,7 +574,9 @@ class Registry:
 
 _Route = Callable[[Registry, _Call], Awaitable[_Reply]]
 _ROUTES: list[tuple[re.Pattern[str], dict[str, _Route]]] = [
-    (re.compile(r"/v2/"), {"GET": Registry._base}),
+    (re.compile(r"/v2/"), {"GET": Registry._base, "HEAD": Registry._base}),
+    (re.compile(r"/v2/_catalog"), {"GET": Registry._catalog}),
+    (re.compile(rf"/v2/{_NAME}/tags/list"), {"GET": Registry._list_tags}),
     (re.compile(rf"/v2/{_NAME}/blobs/uploads/"), {"POST": Registry._start_upload}),
     (
         re.compile(rf"/v2/{_NAME}/blobs/uploads/(?P<uuid>[^/]+)"),
@@ -579,6 +612,27 @@ def _find_route(path: str) -> tuple[re.Match[str] | None, dict[str, _Route]]:
         if match := pattern.fullmatch(path):
             return match, handlers
     return None, {}
+
+
+def _page(call: _Call, path: str, key: str, items: list[str], **fields: str) -> _Reply:
+    """``items`` (sorted) as the JSON list ``key``, paginated as the distribution spec says:
+    those after ``last``, at most ``n`` of them, with a ``Link`` to the next page of ``path``
+    if any."""
+    last, count = call.query.get("last"), call.query.get("n")
+    if last is not None:
+        items = [item for item in items if item > last]
+    headers = {}
+    if count is not None:
+        if not (count.isascii() and count.isdigit()):
+            raise _Refused(_error(400, "PAGINATION_NUMBER_INVALID", {"n": count}))
+        if len(items) > int(count):
+            items = items[: int(count)]
+            if items:
+                following = f"{path}?n={count}&last={quote(items[-1], safe='')}"
+                headers["Link"] = f'<{following}>; rel="next"'
+    reply = _json(200, {**fields, key: items})
+    reply.headers.update(headers)
+    return reply
 
 
 def _created(name: str, digest: str) -> _Reply:
@@ -620,8 +674,9 @@ def _references(manifest: bytes) -> tuple[list[str], list[str]]:
     return blobs, manifests
 
 
-def _respond(method: str, reply: _Reply, fault: Fault | None) -> Response:
-    """Turn a reply into a response, applying the fault's body changes."""
+async def _respond(method: str, reply: _Reply, fault: Fault | None) -> Response:
+    """Turn a reply into a response, applying the fault's body changes; one with no body to
+    cut stalls or drops here, when the fault says so."""
     content = reply.content
     if fault is not None:
         if fault.corrupt and content:
@@ -638,6 +693,11 @@ def _respond(method: str, reply: _Reply, fault: Fault | None) -> Response:
         headers["Content-Length"] = str(len(content))
     if method == "HEAD":
         content = b""
+    if fault is not None and not content:
+        if fault.stall_after is not None:
+            await trio.sleep_forever()
+        if fault.truncate_at is not None:
+            raise DropConnection
     return Response(reply.status, headers.multi_items(), _stream(content, fault))
 
 

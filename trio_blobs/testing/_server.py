@@ -1,9 +1,10 @@
 """The test registry's two front ends: an in-memory httpx transport and a loopback HTTP/1.1 server.
 
 Both hand every request to the same sans-socket :data:`Handler` and send back what it returns, so
-a test sees the same registry whichever it uses. A response body ends abruptly by raising
-:class:`DropConnection`; the transport turns that into :class:`httpx.RemoteProtocolError` (what
-httpx raises when a peer closes mid-body), the server closes the socket.
+a test sees the same registry whichever it uses. The handler, or a response body, drops the
+connection by raising :class:`DropConnection`; the transport turns that into
+:class:`httpx.RemoteProtocolError` (what httpx raises when a peer closes it), the server closes
+the socket.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ _RECEIVE_SIZE = 1 << 20
 
 
 class DropConnection(Exception):
-    """Raised by a response body to drop the connection after the bytes yielded so far."""
+    """Raised by a handler, or by a response body, to drop the connection without a response,
+    or after the bytes yielded so far."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +51,18 @@ class MemoryTransport(httpx.AsyncBaseTransport):
         if not isinstance(request.stream, httpx.AsyncByteStream):
             raise TypeError("the in-memory registry transport needs an httpx.AsyncClient request")
         url = request.url
-        response = await self._handler(
-            request.method,
-            url.raw_path.decode("ascii"),
-            httpx.Headers(request.headers),
-            request.stream,
-            f"{url.scheme}://{url.netloc.decode('ascii')}",
-        )
+        try:
+            response = await self._handler(
+                request.method,
+                url.raw_path.decode("ascii"),
+                httpx.Headers(request.headers),
+                request.stream,
+                f"{url.scheme}://{url.netloc.decode('ascii')}",
+            )
+        except DropConnection as exc:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending a response", request=request
+            ) from exc
         return httpx.Response(
             response.status,
             headers=response.headers,

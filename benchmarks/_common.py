@@ -28,7 +28,9 @@ import trio
 from trio_blobs import Blob, TransferError
 from trio_blobs._session import TransferClient
 
-_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 10**6}
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_UNITS |= {"kb": 1000, "mb": 10**6, "gb": 10**9}
+MIN_SIZE = 16  # bytes per blob: smaller random blobs would repeat
 DEFAULT_WORKLOADS = ("1000x64KiB", "4x128MiB")
 _PIECE = 1024 * 1024
 
@@ -61,13 +63,17 @@ class Workload:
 
     @classmethod
     def parse(cls, text: str) -> Workload:
-        """``1000x64KiB`` -> 1000 blobs of 65536 bytes (at least one blob of one byte)."""
+        """``1000x64KiB`` -> 1000 blobs of 65536 bytes (at least one blob of 16 bytes)."""
         match = re.fullmatch(r"0*([1-9]\d*)x0*([1-9]\d*)([a-zA-Z]*)", text.strip())
-        if not match or match[3].lower() not in _UNITS:
+        size = (
+            int(match[2]) * _UNITS[match[3].lower()] if match and match[3].lower() in _UNITS else 0
+        )
+        if not match or size < MIN_SIZE:
             raise argparse.ArgumentTypeError(
-                f"expected COUNTxSIZE, both above 0, such as 1000x64KiB; got {text!r}"
+                f"expected COUNTxSIZE such as 1000x64KiB, at least 1 blob of {MIN_SIZE} bytes, "
+                f"SIZE in b, kb, mb, gb, KiB, MiB or GiB; got {text!r}"
             )
-        return cls(int(match[1]), int(match[2]) * _UNITS[match[3].lower()], text)
+        return cls(int(match[1]), size, text)
 
     def write(self, directory: Path, seed: int) -> list[Blob]:
         """Create the workload's blobs as ``sha256-<hex>`` files in ``directory``, a MiB at a
@@ -96,8 +102,14 @@ def at_least_one(text: str) -> int:
 
 
 def _base_url(text: str) -> str:
-    if not re.match(r"https?://", text):
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
         raise argparse.ArgumentTypeError(f"expected http://HOST:PORT or https://..., got {text!r}")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port in 1-65535, got {text!r}")
     return text
 
 
@@ -147,6 +159,8 @@ def _serve(conn: multiprocessing.connection.Connection, registry: str) -> None:
     """Child process: an empty registry on a loopback port until SIGTERM, or until the parent's
     end of ``conn`` closes (the parent died: nothing else closes it first); then clean up."""
     from trio_blobs.testing import Registry, distribution_registry
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops this
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -297,7 +311,7 @@ def print_row(workload: Workload, runs: list[Run]) -> None:
     the process's peak RSS so far."""
     run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
     total = workload.count * workload.size
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
     values = (
         workload.label,
         f"{total / run.seconds / 1e6:.1f}",

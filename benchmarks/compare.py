@@ -89,6 +89,7 @@ _LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 _CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 _MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 _REASON_CHARS = 160
+MAX_TIMEOUT = 1e6  # seconds: a run longer than 11 days is not a benchmark
 
 # As root, skopeo's blob-info cache is /var/lib/containers/cache whatever the environment says:
 # hide it behind a tmpfs in a private mount namespace (the nearest existing parent if absent).
@@ -589,8 +590,9 @@ def _table(
     return "\n".join(lines)
 
 
-def report(runs: list[Run], contenders: list[Contender], workloads: list[str], rounds: int) -> str:
-    """Markdown tables per direction: rates with their ratio to curl, then resources."""
+def report(runs: list[Run], contenders: list[Contender], workloads: list[str], rounds: str) -> str:
+    """Markdown tables per direction: rates with their ratio to curl, then resources; ``rounds``
+    says how many counted runs each median is of."""
     parts = []
     for direction in DIRECTIONS:
         names = [c.name for c in contenders if c.direction == direction]
@@ -699,19 +701,25 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0, up to {MAX_TIMEOUT:g}, got {text!r}"
+        )
     return value
 
 
 def _json_path(text: str) -> Path:
-    """Where ``--json`` goes: checked before hours of runs, not after (and not emptied yet)."""
+    """Where ``--json`` goes: checked before hours of runs, not after (and neither emptied nor
+    left behind, empty, if the runs never start)."""
     path = Path(text)
+    existed = path.exists()
     try:
         with path.open("a"):
             pass
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror}") from None
+    if not existed:
+        path.unlink()
     return path
 
 
@@ -825,7 +833,8 @@ def main() -> None:
         f"{meta['date']}; {meta['cores']} cores ({meta['cpu']}), {meta['memory_gb']} GB, "
         f"Linux {meta['kernel']}, Python {meta['python']}; registry {versions['registry']}"
     )
-    print(header + "\n\n" + report(runs, contenders, labels, args.runs))
+    rounds = f"up to {args.runs}" if interrupted else str(args.runs)
+    print(header + "\n\n" + report(runs, contenders, labels, rounds))
     if skipped:
         print("\n" + "\n".join(f"- {note}" for note in skipped))
     if args.json:

@@ -35,8 +35,13 @@ def _run(
     ("script", "args", "says"),
     [
         ("download.py", ["--runs", "0"], "--runs: expected a whole number of 1 or more"),
-        ("upload.py", ["-w", "0x64KiB"], "COUNTxSIZE, both above 0"),
+        ("upload.py", ["-w", "0x64KiB"], "at least 1 blob of 16 bytes"),
+        ("upload.py", ["-w", "300x1b"], "at least 1 blob of 16 bytes"),
+        ("upload.py", ["-w", "3x1tb"], "SIZE in b, kb, mb, gb, KiB, MiB or GiB"),
         ("download.py", ["--url", "127.0.0.1:5000"], "--url: expected http://"),
+        ("download.py", ["--url", "http://"], "--url: expected http://"),
+        ("download.py", ["--url", "http://127.0.0.1:99999"], "--url: expected a port in 1-65535"),
+        ("compare.py", ["--timeout", "inf"], "seconds above 0, up to 1e+06"),
         ("compare.py", ["--directions", "down"], "expected some of download,upload"),
         ("compare.py", ["--contenders="], "--contenders: expected some of"),
         ("compare.py", ["--json", "/nonexistent/runs.json"], "cannot write /nonexistent"),
@@ -50,6 +55,13 @@ def test_bad_options_are_usage_errors(
     assert done.returncode == 2
     assert says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_json_file_named_for_runs_that_never_start_is_not_left_behind(tmp_path: Path) -> None:
+    json_file = tmp_path / "runs.json"
+    done = _run("compare.py", "--json", str(json_file), "--timeout", "0", tmp=tmp_path)
+    assert done.returncode == 2
+    assert not json_file.exists()
 
 
 def test_a_failed_transfer_is_one_line_and_status_1(tmp_path: Path) -> None:
@@ -76,22 +88,31 @@ def test_compare_exits_1_when_a_run_fails(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_stops_a_benchmark_and_its_registry(tmp_path: Path) -> None:
-    """SIGTERM, even to a process whose shell ignores SIGINT, ends the run as Ctrl-C does: the
-    registry child stops and the temporary files go."""
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_sigterm_or_ctrl_c_stops_a_benchmark_and_its_registry(tmp_path: Path, ctrl_c: bool) -> None:
+    """SIGTERM, even to a process whose shell ignores SIGINT, ends the run as Ctrl-C does, and
+    Ctrl-C (SIGINT to the whole process group, the registry child included) ends it quietly:
+    the registry child stops and the temporary files go."""
+    # Ctrl-C comes while blobs move (the registry child busy), SIGTERM while they are written.
+    workload = ["-w", "300x64KiB", "--runs", "1000"] if ctrl_c else ["-w", "100000x1KiB"]
     process = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / "download.py"), "-w", "100000x1KiB"],
+        [sys.executable, str(BENCHMARKS / "download.py"), *workload],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ | {"TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": ""},
+        start_new_session=ctrl_c,  # a process group of its own, as a terminal's foreground job
         # As a shell starts a background job:
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=None if ctrl_c else lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         assert process.stdout is not None
         process.stdout.readline()  # the header: the registry is up, the blobs are being written
-        process.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            time.sleep(2)
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     finally:
         process.kill()

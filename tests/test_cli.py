@@ -766,6 +766,7 @@ def test_reference_parse(
         "http://host:1",
         "host:99999/a/b",
         "host:0/a/b",
+        "host:\u0665\u0660/a/b",
     ],
 )
 def test_bad_references_are_usage_errors(text: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -351,7 +351,7 @@ async def test_time_spent_waiting_for_a_body_stream_does_not_make_a_transfer_slo
     big = add_blobs(registry, *[8_000_000] * 5)
     medium = add_blobs(registry, *[2_000_000] * 10)
     registry.add_fault(Fault(trickle=1_000_000, times=None))  # every body at 1 MB/s
-    # The medium blobs wait 8 s for one of the big blobs' streams, then run at the median rate.
+    # The medium blobs wait for one of the big blobs' streams, then run at the median rate.
     await download(
         [*big, *medium], base_url=BASE_URL, dest_dir=tmp_path, client=client, max_body_streams=5
     )

@@ -1,10 +1,15 @@
 """The stall and slow-transfer watchdog, on virtual time."""
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 import trio
 import trio.testing
 
-from trio_blobs._monitor import Monitor, RateHistory
+from trio_blobs import Blob, RetryPolicy
+from trio_blobs._monitor import Monitor, RateHistory, Watch
+from trio_blobs._transfer import Progress, Transfer
 
 
 def test_rate_history_ignores_small_transfers_and_needs_five_samples() -> None:
@@ -101,3 +106,26 @@ async def test_paused_time_does_not_count_in_an_attempts_rate(
         assert watch.active_seconds(now) == pytest.approx(10)
         assert watch.rate(now) == pytest.approx(2e6)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_finished_attempts_rate_in_the_history_leaves_its_pauses_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    session = SimpleNamespace(logger=logging.getLogger("test"))
+    transfer = Transfer(
+        session=session,  # type: ignore[arg-type]
+        concurrency=1,
+        stall_timeout=10,
+        retry=RetryPolicy(),
+        progress=Progress(None, total=0),
+    )
+
+    async def attempt(watch: Watch) -> None:
+        with watch.paused():  # 9 s waiting for a body stream, say
+            await trio.sleep(9)
+        await trio.sleep(1)
+        watch.progress(1_000_000)
+
+    for _ in range(5):
+        await transfer.with_retries(Blob("sha256:" + "0" * 64, 1_000_000), attempt)
+    assert transfer.monitor.history.median() == pytest.approx(1e6)  # not 1e5

@@ -94,6 +94,9 @@ def test_fault_validates() -> None:
         ({"truncate_at": 5.5}, "truncate_at must be an int or None"),
         ({"times": True}, "times must be an int or None"),
         ({"method": b"GET"}, "method must be a str or None"),
+        ({"corrupt": "yes"}, "corrupt must be True or False"),
+        ({"headers": None}, "headers must map str to str"),
+        ({"delay": "1"}, "delay must be a number"),
     ):
         with pytest.raises(TypeError, match=message):
             Fault(**wrong)  # type: ignore[arg-type]
@@ -120,7 +123,8 @@ async def test_an_answer_without_a_body_can_be_lost_or_held(connect: Connect) ->
         with trio.move_on_after(0.2) as held:
             await client.head(f"/v2/app/blobs/{digest}")
         assert held.cancelled_caught
-        assert (await client.head(f"/v2/app/blobs/{digest}")).status_code == 200
+        registry.add_fault(Fault(method="HEAD", digest=digest, truncate_at=1000))
+        assert (await client.head(f"/v2/app/blobs/{digest}")).status_code == 200  # nothing to cut
 
 
 async def test_blob_get_head_and_unknown(connect: Connect) -> None:

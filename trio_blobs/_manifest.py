@@ -61,7 +61,7 @@ _OCI_EQUIVALENTS = {
 # OCI distribution spec: path components of a repository name, and a registry host[:port].
 _COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
 _REGISTRY_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::([0-9]+))?"
 )
 
 # Architecture names as machines report them -> (OCI architecture, variant).

@@ -65,8 +65,9 @@ def check_base_url(base_url: object, name: str = "base_url") -> httpx.URL:
             f"{name} takes no user:password@ (credentials come from token= or get_token=), "
             f"query or fragment: got {base_url!r}"
         )
-    if url.port is not None and not 0 < url.port <= MAX_PORT:
-        raise ValueError(f"{name} has a port outside 1-{MAX_PORT}: got {base_url!r}")
+    if url.port is not None and not (0 < url.port <= MAX_PORT and f":{url.port}" in str(base_url)):
+        # the second: httpx reads a port written in other scripts' digits as ASCII ones
+        raise ValueError(f"{name} needs a port of 1-{MAX_PORT} in ASCII digits: got {base_url!r}")
     path = url.path.rstrip("/") or "/"
     if path.endswith("/v2"):
         raise ValueError(f"{name} is the registry's root, without /v2: got {base_url!r}")

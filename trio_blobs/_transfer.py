@@ -391,8 +391,10 @@ def session_options(
             raise ValueError(f"{name} must be a str with no line breaks or NUL{shown}")
     if get_token is not None and not callable(get_token):
         raise TypeError(f"get_token must be an async callable, got {get_token!r}")
-    if logger is not None and not isinstance(logger, logging.Logger | logging.LoggerAdapter):
-        raise TypeError(f"logger must be a logging.Logger, got {logger!r}")
+    if logger is not None and not all(
+        callable(getattr(logger, m, None)) for m in ("info", "debug")
+    ):
+        raise TypeError(f"logger must be a logging.Logger or alike, got {logger!r}")
     if client is not None:
         if not isinstance(client, httpx.AsyncClient):
             raise TypeError(f"client must be an httpx.AsyncClient, got {client!r}")

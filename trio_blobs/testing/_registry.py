@@ -88,9 +88,10 @@ class Fault:
     Content-Length follows; then at most ``min(stall_after, truncate_at)`` bytes are sent, at
     ``trickle`` bytes per second if set. After ``stall_after`` bytes nothing more is sent until
     the request is cancelled; after ``truncate_at`` the connection drops (the in-memory
-    transport raises :class:`httpx.RemoteProtocolError`). A response without a body to cut (a
-    ``HEAD``'s, a ``201``'s) stalls or drops in place of its head: the request took effect, and
-    its answer never comes.
+    transport raises :class:`httpx.RemoteProtocolError`). A response without a body (a
+    ``HEAD``'s, a ``201``'s) has nothing to cut but itself: ``stall_after=0`` and
+    ``truncate_at=0`` stall or drop it in place of its head, so that the request takes effect
+    and its answer never comes.
     """
 
     method: str | None = "GET"
@@ -118,6 +119,15 @@ class Fault:
                 raise TypeError(f"{name} must be an int or None, got {value!r}")
         if not isinstance(self.body, bytes | None) or not isinstance(self.extra, bytes):
             raise TypeError("body and extra must be bytes")
+        if not isinstance(self.corrupt, bool):
+            raise TypeError(f"corrupt must be True or False, got {self.corrupt!r}")
+        for name, value in (("delay", self.delay), ("trickle", self.trickle)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.headers, Mapping):
+            raise TypeError(f"headers must map str to str, got {self.headers!r}")
         if not all(isinstance(x, str) for item in self.headers.items() for x in item):
             raise TypeError(f"headers must map str to str, got {self.headers!r}")
         if self.digest is not None:
@@ -693,10 +703,10 @@ async def _respond(method: str, reply: _Reply, fault: Fault | None) -> Response:
         headers["Content-Length"] = str(len(content))
     if method == "HEAD":
         content = b""
-    if fault is not None and not content:
-        if fault.stall_after is not None:
+    if fault is not None and not content:  # no body to cut: 0 cuts the answer itself
+        if fault.stall_after == 0:
             await trio.sleep_forever()
-        if fault.truncate_at is not None:
+        if fault.truncate_at == 0:
             raise DropConnection
     return Response(reply.status, headers.multi_items(), _stream(content, fault))
 

@@ -401,14 +401,27 @@ async def test_a_push_of_a_damaged_file_says_how_to_repair_it(
     assert "copies/model" not in served.registry.manifests
 
 
+async def pulled_oci(served: Served, root: Path) -> tuple[Image, _cli._OciLayout]:
+    """A small image in ``served``'s library/model:v1, pulled into an OCI layout in ``root``."""
+    image = make_image(100, 1000)
+    store(served.registry, image, "library/model", "v1")
+    pulled = await cli("pull", f"{served.url}/library/model:v1", root, "--layout", "oci")
+    assert pulled.returncode == 0, pulled.stderr
+    return image, _cli._OciLayout(root)
+
+
+async def push_in_process(served: Served, layout: _cli._Layout, repository: str) -> None:
+    """Push ``layout``'s image v1 to ``served`` as ``repository``:v1, in this process."""
+    ref = Reference.parse(f"{served.url}/{repository}:v1")
+    async with TransferClient(max_idle_connections=4) as client:
+        remote = _cli._Remote(client, RegistryAuth(ref.base_url, None, None), None, "off")
+        await _cli._push_image(remote, ref, layout, layout.load("v1"), None)
+
+
 async def test_a_push_from_an_oci_layout_names_its_files_in_errors(
     served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image = make_image(100, 1000)
-    store(served.registry, image, "library/model", "v1")
-    pulled = await cli("pull", f"{served.url}/library/model:v1", tmp_path, "--layout", "oci")
-    assert pulled.returncode == 0, pulled.stderr
-    layout = _cli._OciLayout(tmp_path)
+    image, layout = await pulled_oci(served, tmp_path)
     broken = image.blobs[2]
     real_open = trio_blobs._upload._open_source
 
@@ -418,11 +431,8 @@ async def test_a_push_from_an_oci_layout_names_its_files_in_errors(
         return real_open(path)
 
     monkeypatch.setattr(trio_blobs._upload, "_open_source", open_source)
-    ref = Reference.parse(f"{served.url}/copies/model:v1")
-    async with TransferClient(max_idle_connections=4) as client:
-        remote = _cli._Remote(client, RegistryAuth(ref.base_url, None, None), None, "off")
-        with pytest.raises(LocalFileError) as caught:
-            await _cli._push_image(remote, ref, layout, layout.load("v1"), None)
+    with pytest.raises(LocalFileError) as caught:
+        await push_in_process(served, layout, "copies/model")
     assert str(caught.value) == (
         f"{broken.digest}: {layout.blob_path(broken.digest)}: Too many open files"
     )
@@ -951,6 +961,23 @@ async def test_a_pull_says_it_waits_for_a_slow_registry_and_gives_up_after_a_few
         with pytest.raises(RetriesExhaustedError) as caught:
             await _cli._fetch_manifest(remote, ref, None)
         assert caught.value.attempts == _cli.MANIFEST_STALLS
+
+
+async def test_a_push_says_it_waits_for_a_registry_that_has_not_answered(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, layout = await pulled_oci(served, tmp_path)
+    monkeypatch.setattr(_cli, "WAIT_NOTICE", 0.2)
+    notice = f"no answer from {served.host} after 0 s; still trying (Ctrl-C stops)"
+    warnings: list[str] = []
+    monkeypatch.setattr(_cli, "_warn", warnings.append)
+    served.registry.add_fault(Fault(method=None, delay=0.4))  # the first answer comes late
+    await push_in_process(served, layout, "copies/first")
+    assert warnings == [notice]
+    warnings.clear()
+    served.registry.add_fault(Fault(method="PUT", delay=0.4, times=None))  # answering, slowly
+    await push_in_process(served, layout, "copies/second")
+    assert warnings == []
 
 
 async def test_wrong_credentials_are_explained_without_a_traceback(tmp_path: Path) -> None:

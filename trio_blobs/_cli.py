@@ -29,10 +29,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
@@ -66,6 +66,8 @@ from ._session import VERSION, TransferClient
 from ._upload import DAMAGED, upload
 from .testing import Registry
 
+_T = TypeVar("_T")
+
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
     from rich.progress import TaskID
@@ -82,7 +84,7 @@ ROW_AFTER = 1.0  # seconds a blob is in flight before it is shown there
 SYNC_INTERVAL = 0.1  # seconds between choices of the blobs that get rows under the rich bar
 SAVE_INTERVAL = 1.0  # seconds between saves of `serve --storage`
 CHILD_TIMEOUT = 2.0  # seconds a child registry gets to exit
-WAIT_NOTICE = 5.0  # seconds without a manifest before a pull says it is waiting
+WAIT_NOTICE = 5.0  # seconds without a manifest (pull) or any answer (push) before a notice
 MANIFEST_STALLS = 3  # stalled manifest requests in a row before a pull gives up
 INCOMING = ".trio-blobs-incoming"  # an OCI layout's staging directory for downloads
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -1122,34 +1124,41 @@ async def _fetch_manifest(remote: _Remote, ref: Reference, platform: Platform | 
     """``ref``'s manifest. A registry that has not given it after :data:`WAIT_NOTICE` seconds
     is said to be waited for, and one that stalls :data:`MANIFEST_STALLS` times in a row is
     given up on (nothing else shows that the command is waiting)."""
+    fetching = fetch_manifest(
+        base_url=ref.base_url,
+        repository=ref.repository,
+        reference=ref.manifest_ref,
+        platform=platform,
+        client=remote.client,
+        get_token=remote.auth,
+        retry=RetryPolicy(max_stalls=MANIFEST_STALLS),
+    )
+    return await _waited_for(ref, fetching, lambda: True)
+
+
+async def _waited_for(ref: Reference, work: Awaitable[_T], waiting: Callable[[], bool]) -> _T:
+    """``await work``, saying that ``ref``'s registry is waited for if, :data:`WAIT_NOTICE`
+    seconds in, the work is not done and ``waiting()`` says so."""
     failure: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            _warn_after,
-            WAIT_NOTICE,
-            f"no answer from {ref.registry} after {WAIT_NOTICE:.0f} s; still trying (Ctrl-C stops)",
-        )
-        try:
-            manifest = await fetch_manifest(
-                base_url=ref.base_url,
-                repository=ref.repository,
-                reference=ref.manifest_ref,
-                platform=platform,
-                client=remote.client,
-                get_token=remote.auth,
-                retry=RetryPolicy(max_stalls=MANIFEST_STALLS),
+
+    async def notice() -> None:
+        await trio.sleep(WAIT_NOTICE)
+        if waiting():
+            _warn(
+                f"no answer from {ref.registry} after {WAIT_NOTICE:.0f} s; "
+                "still trying (Ctrl-C stops)"
             )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(notice)
+        try:
+            result = await work
         except Exception as exc:  # raised outside the nursery, which would wrap it in a group
             failure = exc
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
-    return manifest
-
-
-async def _warn_after(seconds: float, text: str) -> None:
-    await trio.sleep(seconds)
-    _warn(text)
+    return result
 
 
 async def _pull_image(
@@ -1223,21 +1232,23 @@ async def _push_image(
         layout.sending(blobs) as src,
         _Progress("push", total=size, blobs=len(blobs), style=remote.style) as progress,
     ):
-        try:
-            result = await upload(
-                blobs,
-                base_url=ref.base_url,
-                repository=ref.repository,
-                src_dir=src,
-                concurrency=remote.concurrency or PUSH_CONCURRENCY,
-                progress=progress,
-                blob_progress=progress.blob,
-                client=remote.client,
-                get_token=remote.auth,
-                manifest=manifest.data,
-                manifest_ref=ref.tag or manifest.digest,
-                manifest_media_type=manifest.media_type,
-            )
+        answers = remote.client.answers
+        pushing = upload(
+            blobs,
+            base_url=ref.base_url,
+            repository=ref.repository,
+            src_dir=src,
+            concurrency=remote.concurrency or PUSH_CONCURRENCY,
+            progress=progress,
+            blob_progress=progress.blob,
+            client=remote.client,
+            get_token=remote.auth,
+            manifest=manifest.data,
+            manifest_ref=ref.tag or manifest.digest,
+            manifest_media_type=manifest.media_type,
+        )
+        try:  # a pull has its manifest to wait for, a push only the registry's first answer
+            result = await _waited_for(ref, pushing, lambda: remote.client.answers == answers)
         except TransferError as exc:
             _name_layout_files(exc, src, layout)
             raise

@@ -125,11 +125,11 @@ class TransferClient(httpx.AsyncClient):
     flows, redirects, event hooks). Like Go's registry clients, it keeps no cookies. When the
     environment names a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``), it is a plain
     httpx client instead, which takes them and ``NO_PROXY`` as httpx does, through ``send``.
-    ``requests`` counts what sessions sent through it.
+    ``requests`` counts what sessions sent through it, ``answers`` the responses they got.
     """
 
     def __init__(self, *, max_idle_connections: int) -> None:
-        self.requests = 0
+        self.requests = self.answers = 0
         self.direct: HTTP1Transport | None = None
         # httpx reads these from urllib's view of the environment, and only for a client
         # without a transport of its own. No cap on connections: the transfers bound them,
@@ -296,10 +296,17 @@ class RegistrySession:
 
     async def _dispatch(self, request: httpx.Request) -> httpx.Response:
         """Send one request; the response's body is still to be read."""
-        if self._own is not None:
-            self._own.requests += 1
-            if self._direct is not None:
-                return await self._direct.handle_async_request(request)
+        if self._own is None:
+            return await self._send_through_client(request)
+        self._own.requests += 1
+        if self._direct is not None:
+            response = await self._direct.handle_async_request(request)
+        else:
+            response = await self._send_through_client(request)
+        self._own.answers += 1
+        return response
+
+    async def _send_through_client(self, request: httpx.Request) -> httpx.Response:
         # The client's own auth flow is never used: credentials are decided here alone.
         return await self.client.send(request, stream=True, follow_redirects=False, auth=_NO_AUTH)
 

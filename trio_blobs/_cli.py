@@ -171,15 +171,20 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress, summary or 'serving' line (a --json line still comes)",
+    )
     common.add_argument("--json", action="store_true", help="print one JSON summary line")
     common.add_argument(
         "-v",
         "--verbose",
         action="count",
         default=0,
-        help="log what happens beyond progress (tokens, retries; each request served); "
-        "tracebacks on errors",
+        help="log what happens beyond progress (tokens, retries, platform choices; for serve, "
+        "each request); tracebacks on errors",
     )
     remote = _Parser(add_help=False)
     remote.add_argument(

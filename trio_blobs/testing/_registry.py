@@ -126,9 +126,9 @@ class Fault:
                 isinstance(value, bool) or not isinstance(value, int | float)
             ):
                 raise TypeError(f"{name} must be a number, got {value!r}")
-        if not isinstance(self.headers, Mapping):
-            raise TypeError(f"headers must map str to str, got {self.headers!r}")
-        if not all(isinstance(x, str) for item in self.headers.items() for x in item):
+        if not isinstance(self.headers, Mapping) or not all(
+            isinstance(x, str) for item in self.headers.items() for x in item
+        ):
             raise TypeError(f"headers must map str to str, got {self.headers!r}")
         if self.digest is not None:
             check_digest(self.digest)
@@ -631,7 +631,7 @@ def _page(call: _Call, path: str, key: str, items: list[str], **fields: str) -> 
     last, count = call.query.get("last"), call.query.get("n")
     if last is not None:
         items = [item for item in items if item > last]
-    headers = {}
+    following = None
     if count is not None:
         if not (count.isascii() and count.isdigit()):
             raise _Refused(_error(400, "PAGINATION_NUMBER_INVALID", {"n": count}))
@@ -639,9 +639,9 @@ def _page(call: _Call, path: str, key: str, items: list[str], **fields: str) -> 
             items = items[: int(count)]
             if items:
                 following = f"{path}?n={count}&last={quote(items[-1], safe='')}"
-                headers["Link"] = f'<{following}>; rel="next"'
     reply = _json(200, {**fields, key: items})
-    reply.headers.update(headers)
+    if following is not None:
+        reply.headers["Link"] = f'<{following}>; rel="next"'
     return reply
 
 

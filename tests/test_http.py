@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trio_blobs import HTTP1Transport
+from trio_blobs._http import READ_BUDGET, READ_SIZE
 
 MiB = 1024 * 1024
 HEADERS = {"User-Agent": "trio-blobs-test", "Accept-Encoding": "identity"}
@@ -1021,25 +1022,25 @@ async def test_read_size_shrinks_while_many_bodies_are_open(
             await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
     server.handler = handler
-    assert transport.read_size() == MiB
+    assert transport.read_size() == READ_SIZE
     async with AsyncExitStack() as stack:
         responses = [
             await stack.enter_async_context(client.stream("GET", f"{server.url}/{target}"))
             for target in ["big"] + ["small"] * 31
         ]
         assert transport.bodies == 32
-        assert transport.read_size() == 512 * 1024
+        assert transport.read_size() == READ_BUDGET // 32
         pieces = [piece async for piece in responses[0].aiter_raw()]
         assert b"".join(pieces) == big
-        assert max(map(len, pieces)) <= 512 * 1024
+        assert max(map(len, pieces)) <= READ_BUDGET // 32
         assert transport.bodies == 31
-        assert transport.read_size() == 16 * MiB // 31
-        for response in responses[1:16]:
+        assert transport.read_size() == READ_BUDGET // 31
+        for response in responses[1 : 32 - READ_BUDGET // READ_SIZE]:
             await response.aclose()
-        assert transport.bodies == 16
-        assert transport.read_size() == MiB
+        assert transport.bodies == READ_BUDGET // READ_SIZE
+        assert transport.read_size() == READ_SIZE
     assert transport.bodies == 0
-    assert transport.read_size() == MiB
+    assert transport.read_size() == READ_SIZE
     assert server.connections == 32
 
 

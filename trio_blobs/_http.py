@@ -25,7 +25,10 @@ __all__ = ["HTTP1Transport"]
 
 READ_SIZE = 1024 * 1024  # most bytes of a body asked of the socket at once
 MIN_READ_SIZE = 64 * 1024  # ... however many bodies are being read
-READ_BUDGET = 16 * 1024 * 1024  # bytes all bodies being read may ask for at once
+# Bytes all bodies being read may ask for at once. A body's reader still holds its last piece
+# while the next arrives (httpx's iterators keep it until they move on), so the pieces alive
+# add up to about twice this.
+READ_BUDGET = 8 * 1024 * 1024
 HEAD_READ_SIZE = 128 * 1024  # asked for while a head is incomplete: a small body comes along
 MAX_HEAD_SIZE = 64 * 1024  # a response head (or chunk-size line, or trailer) longer is refused
 COALESCE_SIZE = 128 * 1024  # request head and body pieces up to this size go out in one write
@@ -186,7 +189,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
 
     def read_size(self) -> int:
         """How much one body may ask of its socket at once: :data:`READ_SIZE`, less when many
-        bodies are being read, so that the bytes they hold stay within :data:`READ_BUDGET`."""
+        bodies are being read, so that the bytes they ask for stay within :data:`READ_BUDGET`."""
         return max(MIN_READ_SIZE, min(READ_SIZE, READ_BUDGET // max(self.bodies, 1)))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -231,6 +231,38 @@ async def test_upload_session_rules() -> None:
     assert registry.blobs == {}
 
 
+@pytest.mark.parametrize("method", ["PATCH", "PUT"])
+async def test_an_upload_cancelled_while_its_body_comes_is_unknown(
+    connect: Connect, method: str
+) -> None:
+    registry = Registry()
+    data = b"blob" * 1000
+    halfway = trio.Event()
+    cancelled = trio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:10]
+        halfway.set()
+        await cancelled.wait()
+        yield data[10:]
+
+    async with connect(registry) as client:
+        location = (await client.post("/v2/x/blobs/uploads/")).headers["location"]
+        target = location if method == "PATCH" else f"{location}&digest={compute_digest(data)}"
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                answer = await client.request(method, target, content=body())
+                assert (answer.status_code, error_code(answer)) == (404, "BLOB_UPLOAD_UNKNOWN")
+
+            nursery.start_soon(send)
+            await halfway.wait()
+            assert (await client.delete(location)).status_code == 204
+            cancelled.set()
+        assert (await client.get("/v2/")).status_code == 200
+    assert registry.blobs == {}
+
+
 async def test_monolithic_upload_keeps_the_location_query(connect: Connect) -> None:
     registry = Registry()
     data, other = b"monolithic" * 1000, b"single request"

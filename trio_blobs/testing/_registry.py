@@ -178,6 +178,10 @@ def _json(status: int, value: object) -> _Reply:
     return _Reply(status, {"Content-Type": "application/json"}, json.dumps(value).encode())
 
 
+def _unknown_upload(call: _Call) -> _Refused:
+    return _Refused(_error(404, "BLOB_UPLOAD_UNKNOWN", {"uuid": call.params["uuid"]}))
+
+
 def _valid_digest(digest: str | None) -> str:
     try:
         return check_digest(digest)
@@ -476,13 +480,21 @@ class Registry:
     def _upload(self, call: _Call, *, current: bool) -> _Upload:
         upload = self._uploads.get(call.params["uuid"])
         if upload is None or upload.name != call.params["name"]:
-            raise _Refused(_error(404, "BLOB_UPLOAD_UNKNOWN", {"uuid": call.params["uuid"]}))
+            raise _unknown_upload(call)
         state = call.query.get("_state")
         if state not in upload.issued:
             raise _Refused(_error(400, "BLOB_UPLOAD_INVALID", "missing or unknown _state"))
         if current and state != upload.state:
             raise _Refused(_error(400, "BLOB_UPLOAD_INVALID", "stale Location: use the latest one"))
         return upload
+
+    async def _receive(self, call: _Call, upload: _Upload) -> None:
+        """Append the request's body to ``upload``, which another request may have cancelled or
+        finished while it came: then the session is unknown, as it would be at the start."""
+        async for chunk in call.body:
+            upload.data.extend(chunk)
+        if self._uploads.get(call.params["uuid"]) is not upload:
+            raise _unknown_upload(call)
 
     async def _upload_status(self, call: _Call) -> _Reply:
         return _upload_reply(204, call.params["uuid"], self._upload(call, current=False))
@@ -505,8 +517,7 @@ class Registry:
                 reply.headers.update(_upload_reply(416, call.params["uuid"], upload).headers)
                 raise _Refused(reply)
             expected = int(match[2]) - int(match[1]) + 1
-        async for chunk in call.body:
-            upload.data.extend(chunk)
+        await self._receive(call, upload)
         received = len(upload.data) - held
         if expected is not None and received != expected:
             del upload.data[held:]
@@ -520,8 +531,7 @@ class Registry:
     async def _finish_upload(self, call: _Call) -> _Reply:
         upload = self._upload(call, current=True)
         digest = _valid_digest(call.query.get("digest"))
-        async for chunk in call.body:
-            upload.data.extend(chunk)
+        await self._receive(call, upload)
         del self._uploads[call.params["uuid"]]
         return self._store(upload.name, digest, bytes(upload.data))
 

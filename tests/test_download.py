@@ -676,6 +676,7 @@ async def test_a_dest_dir_that_links_to_nothing_says_so(
     [
         ({"retry": "x"}, TypeError, "retry must be a RetryPolicy"),
         ({"stall_timeout": float("nan")}, ValueError, "stall_timeout"),
+        ({"platform": "linux/arm64"}, TypeError, r"Platform.parse\('linux/arm64'\)"),
     ],
 )
 async def test_fetch_manifest_checks_its_options_before_any_request(

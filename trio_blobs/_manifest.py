@@ -364,6 +364,9 @@ async def fetch_manifest(
     """
     if not isinstance(reference, str) or not (TAG_RE.fullmatch(reference) or _is_digest(reference)):
         raise ValueError(f"reference must be a tag or a digest, got {reference!r}")
+    if platform is not None and not isinstance(platform, Platform):
+        hint = f" (Platform.parse({platform!r}))" if isinstance(platform, str) else ""
+        raise TypeError(f"platform must be a Platform{hint}, got {platform!r}")
     check_stall_and_retry(stall_timeout, retry)
     policy = retry or RetryPolicy()
     options = session_options(

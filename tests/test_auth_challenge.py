@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_blobs._auth import AuthChallenge, parse_auth_challenge
+from trio_blobs._auth import AuthChallenge, merge_scopes, parse_auth_challenge
 
 A = AuthChallenge
 HUB_REALM = "https://auth.docker.io/token"
@@ -104,13 +104,32 @@ def test_examples(header: str, expected: AuthChallenge) -> None:
     assert parse_auth_challenge(header) == expected
 
 
-def test_with_default_scope() -> None:
+def test_with_scopes_merges_actions_per_resource() -> None:
     bare = parse_auth_challenge('Bearer realm="r",service="s"')
-    filled = bare.with_default_scope("repository:a/b:pull")
+    filled = bare.with_scopes("repository:a/b:pull")
     assert filled == A("bearer", "r", "s", "repository:a/b:pull")
     assert bare.scope is None  # unchanged
-    assert filled.with_default_scope("repository:x:push") == filled
-    assert A("bearer", "r", scope="").with_default_scope("x").scope == "x"
+    merged = filled.with_scopes("repository:x:pull repository:a/b:push,pull", None)
+    assert merged.scope == "repository:a/b:pull,push repository:x:pull"
+    assert merged.with_scopes("repository:a/b:push").scope == merged.scope
+    assert A("bearer", "r", scope="").with_scopes().scope is None
+
+
+@pytest.mark.parametrize(
+    ("scopes", "merged"),
+    [
+        (["registry:catalog:*", "registry:catalog:*"], "registry:catalog:*"),
+        (["repository:a:delete", "repository:a:pull,push"], "repository:a:delete,pull,push"),
+        (
+            ["repository(plugin):a:pull", "repository:a:pull"],
+            "repository:a:pull repository(plugin):a:pull",
+        ),
+        (["odd", "repository:a:", "odd"], "repository:a: odd"),
+        (["repository:h:5000/a:pull"], "repository:h:5000/a:pull"),
+    ],
+)
+def test_merge_scopes(scopes: list[str], merged: str) -> None:
+    assert merge_scopes(*scopes) == merged
 
 
 def test_frozen() -> None:

@@ -451,6 +451,75 @@ async def test_an_expired_token_is_refreshed_once_for_many_waiters(
     assert_same_files(src, dest, blobs)
 
 
+class FirstPutFails(httpx.AsyncBaseTransport):
+    """The first blob PUT of each digest fails to connect, as on a flaky network."""
+
+    def __init__(self) -> None:
+        self._inner = trio_blobs.HTTP1Transport()
+        self._failed: set[str | None] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and "/blobs/uploads/" in request.url.path:
+            digest = request.url.params.get("digest")
+            if digest not in self._failed:
+                self._failed.add(digest)
+                raise httpx.ConnectError("connection reset", request=request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_failed_attempts_cleanup_keeps_the_token_the_others_use(
+    token_registry: RealRegistry, token_server: TokenServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    blobs = [write_blob(src, os.urandom(300_000 + i)) for i in range(12)]
+    async with httpx.AsyncClient(transport=FirstPutFails(), trust_env=False) as client:
+        result = await upload(
+            blobs,
+            base_url=token_registry.url,
+            repository=REPO,
+            src_dir=src,
+            client=client,
+            get_token=alice(token_registry, token_server),
+        )
+    assert sorted(result.uploaded) == sorted(blob.digest for blob in blobs)
+    # The cleanups' DELETEs asked for delete, which alice may not; what she may was kept.
+    assert {r.granted for r in token_server.requests} == {(f"repository:{REPO}:pull,push",)}
+    assert any("delete" in scope for r in token_server.requests for scope in r.scopes)
+
+
+async def test_mounts_and_uploads_in_one_call_share_a_token_for_both_repositories(
+    token_registry: RealRegistry, token_server: TokenServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    auth = alice(token_registry, token_server)
+    base = [write_blob(src, os.urandom(20_000 + i)) for i in range(8)]
+    await upload(
+        base, base_url=token_registry.url, repository="lib/base", src_dir=src, get_token=auth
+    )
+    own = [write_blob(src, os.urandom(30_000 + i)) for i in range(8)]
+    mixed = [Blob(b.digest, b.size, mount_from="lib/base") for b in base] + own
+    asked = len(token_server.requests)
+    with recorded() as (client, seen):
+        async with client:
+            result = await upload(
+                mixed,
+                base_url=token_registry.url,
+                repository="lib/app",
+                src_dir=src,
+                client=client,
+                get_token=alice(token_registry, token_server),
+            )
+    assert sorted(result.mounted) == sorted(b.digest for b in base)
+    assert sorted(result.uploaded) == sorted(b.digest for b in own)
+    # The first token asked for everything the call needs: one 401 (the first request's).
+    assert [s.status for s in seen].count(401) == 1
+    [token] = token_server.requests[asked:]
+    assert token.scopes == ("repository:lib/app:pull,push", "repository:lib/base:pull")
+
+
 # -- 5. Basic auth ------------------------------------------------------------------------------
 
 

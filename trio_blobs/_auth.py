@@ -40,14 +40,31 @@ class AuthChallenge:
     service: str | None = None
     scope: str | None = None
 
-    def with_default_scope(self, scope: str) -> AuthChallenge:
-        """This challenge with ``scope`` filled in if it carries none (or an empty one).
+    def with_scopes(self, *scopes: str | None) -> AuthChallenge:
+        """This challenge asking for ``scopes`` besides its own, merged per resource:
+        ``repository:a/b:pull`` and ``repository:a/b:push`` make ``repository:a/b:pull,push``.
 
-        Challenges from ``/v2/`` carry no scope: the caller knows which repository it wants.
+        A challenge names what one request needs (from ``/v2/``, nothing); a client that asks
+        for what all its requests need gets one token that serves them all.
         """
-        if self.scope:
-            return self
-        return dataclasses.replace(self, scope=scope)
+        return dataclasses.replace(self, scope=merge_scopes(self.scope, *scopes) or None)
+
+
+def merge_scopes(*scopes: str | None) -> str:
+    """The union of space-separated token scopes (``type:name:action,...``), one item per
+    resource, in a stable order; an item of another shape is kept as it is."""
+    resources: dict[tuple[str, str], set[str]] = {}
+    others: set[str] = set()
+    for scope in scopes:
+        for item in (scope or "").split():
+            kind, _, rest = item.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind and name:
+                resources.setdefault((kind, name), set()).update(filter(None, actions.split(",")))
+            else:
+                others.add(item)
+    merged = [f"{k}:{n}:{','.join(sorted(a))}" for (k, n), a in sorted(resources.items())]
+    return " ".join(merged + sorted(others))
 
 
 def parse_auth_challenge(header: str) -> AuthChallenge:

@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 import httpx
 import trio
 
-from ._auth import AuthChallenge, parse_auth_challenge
+from ._auth import AuthChallenge, merge_scopes, parse_auth_challenge
 from ._exceptions import AuthenticationError, ConnectionFailedError, ProtocolError, TransferError
 from ._http import HTTP1Transport
 from ._monitor import Watch
@@ -59,7 +59,10 @@ class Credentials:
     """The ``Authorization`` value in use, and its single-flight refresh.
 
     When many requests are rejected with the same value at once, the first one to ask fetches a
-    new token; the others wait for it and use it. ``generation`` tells them apart.
+    new token; the others wait for it and use it. ``generation`` tells them apart. Every token
+    asked for covers ``scope``, the union of the scopes asked for so far: one token serves
+    every request of a transfer (a mount's source and a cleanup's ``delete`` included), and no
+    request's refresh takes away what another needs.
 
     With ``get_token`` and no token yet, the first request goes alone (:meth:`probe`): the others
     wait for its outcome, so that a registry asking for credentials rejects one request, not a
@@ -69,6 +72,7 @@ class Credentials:
     def __init__(self, *, token: str | None, get_token: GetToken | None) -> None:
         self.header = f"Bearer {token}" if token else None
         self.generation = 0
+        self.scope: str | None = None
         self.get_token = get_token
         self._lock = trio.Lock()
         self._probed: trio.Event | None = None
@@ -96,21 +100,25 @@ class Credentials:
     async def refresh(
         self, get_token: GetToken, rejected_generation: int, challenge: AuthChallenge
     ) -> None:
-        """Replace the credentials that ``rejected_generation`` used, unless done meanwhile."""
+        """Replace the credentials that ``rejected_generation`` used, unless replaced meanwhile
+        by ones for all that ``challenge`` asks."""
         async with self._lock:
-            if self.generation == rejected_generation:
-                try:
-                    token = await get_token(challenge)
-                except TransferError:
-                    raise
-                except Exception as exc:
-                    raise AuthenticationError(
-                        f"get_token failed for {challenge.realm or 'the registry'}: {exc!r}",
-                        status=401,
-                    ) from exc
-                scheme = "Basic" if challenge.scheme == "basic" else "Bearer"
-                self.header = f"{scheme} {token}"
-                self.generation += 1
+            challenge = challenge.with_scopes(self.scope)
+            if self.generation != rejected_generation and challenge.scope == self.scope:
+                return
+            try:
+                token = await get_token(challenge)
+            except TransferError:
+                raise
+            except Exception as exc:
+                raise AuthenticationError(
+                    f"get_token failed for {challenge.realm or 'the registry'}: {exc!r}",
+                    status=401,
+                ) from exc
+            scheme = "Basic" if challenge.scheme == "basic" else "Bearer"
+            self.header = f"{scheme} {token}"
+            self.scope = challenge.scope
+            self.generation += 1
 
 
 class TransferClient(httpx.AsyncClient):
@@ -157,6 +165,7 @@ class RegistrySession:
         user_agent: str | None,
         logger: logging.Logger,
         actions: str = "pull",
+        mount_from: Collection[str] = (),
     ) -> None:
         self.client = client
         self._own = client if isinstance(client, TransferClient) else None
@@ -168,7 +177,11 @@ class RegistrySession:
         self.logger = logger
         self._user_agent = user_agent or DEFAULT_USER_AGENT
         self._actions = actions
-        self._default_scope = f"repository:{repository}:{actions}"
+        self._mount_from = mount_from
+        # What a token for this session covers, whatever one request's challenge names.
+        self._scope = merge_scopes(
+            f"repository:{repository}:{actions}", *(f"repository:{r}:pull" for r in mount_from)
+        )
         self._api = str(base_url.join(f"{base_url.path.rstrip('/')}/v2/{repository}/"))
 
     def mirror(self, base_url: httpx.URL, *, with_credentials: bool) -> RegistrySession:
@@ -184,6 +197,7 @@ class RegistrySession:
             user_agent=self._user_agent,
             logger=self.logger,
             actions=self._actions,
+            mount_from=self._mount_from,
         )
 
     def url(self, path: str) -> httpx.URL:
@@ -278,7 +292,7 @@ class RegistrySession:
                 self.logger.info("fetching a token for %s (%s challenge)", url, challenge.scheme)
                 with watch.paused() if watch is not None else nullcontext():
                     await self.credentials.refresh(
-                        get_token, generation, challenge.with_default_scope(self._default_scope)
+                        get_token, generation, challenge.with_scopes(self._scope)
                     )
                 refreshed = True
                 continue

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,7 +412,7 @@ def session_options(
 
 @asynccontextmanager
 async def open_session(
-    options: SessionOptions, *, concurrency: int, actions: str
+    options: SessionOptions, *, concurrency: int, actions: str, mount_from: Collection[str] = ()
 ) -> AsyncIterator[RegistrySession]:
     """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
     client = options.client
@@ -428,6 +428,7 @@ async def open_session(
             user_agent=options.user_agent,
             logger=options.logger,
             actions=actions,
+            mount_from=mount_from,
         )
     finally:
         if own is not None:

@@ -150,7 +150,10 @@ async def upload(
     if not todo and manifest_plan is None:
         return UploadResult((), (), (), None)
     _check_sources(src, todo)
-    async with open_session(options, concurrency=concurrency, actions="pull,push") as session:
+    sources = {blob.mount_from for blob in todo if blob.mount_from is not None}
+    async with open_session(
+        options, concurrency=concurrency, actions="pull,push", mount_from=sources
+    ) as session:
         transfer = Transfer(
             session=session,
             concurrency=concurrency,

@@ -202,6 +202,25 @@ async def test_image_round_trip_is_byte_identical(
     assert_same_files(src, dest, image.blobs)
 
 
+async def test_a_manifest_without_media_type_is_pushed_as_oci(
+    plain_registry: RealRegistry, tmp_path: Path
+) -> None:
+    image = make_image(tmp_path, random_layers(1000))
+    document = json.loads(image.manifest)
+    del document["mediaType"]  # optional in OCI 1.0
+    manifest = json.dumps(document).encode()
+    result = await upload(
+        image.blobs,
+        base_url=plain_registry.url,
+        repository=REPO,
+        src_dir=tmp_path,
+        manifest=manifest,
+        manifest_ref="v1",
+    )
+    assert result.manifest_digest == f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+    await assert_manifest_stored(plain_registry, REPO, "v1", manifest, OCI_MANIFEST)
+
+
 async def test_index_round_trip_is_byte_identical(
     plain_registry: RealRegistry, tmp_path: Path
 ) -> None:

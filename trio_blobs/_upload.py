@@ -17,9 +17,10 @@ import httpx
 import trio
 
 from ._digest import Blob, Hasher, hashed_digest, new_hasher
-from ._exceptions import LocalFileError, RegistryError, TransferError
+from ._exceptions import LocalFileError, ProtocolError, RegistryError, TransferError
+from ._manifest import OCI_INDEX, OCI_MANIFEST
 from ._monitor import Watch
-from ._protocol import TAG_RE, add_query, check_announced_digest, check_int, location_target
+from ._protocol import TAG_RE, add_query, check_int, location_target
 from ._retry import RetryPolicy
 from ._session import Body, GetToken, RegistrySession
 from ._transfer import (
@@ -56,7 +57,6 @@ WHOLE_POST_LIMIT = 256 * 1024
 _WHOLE_POST_REFUSALS = frozenset({400, 405, 411, 413, 415, 501})
 COMMIT_GRACE = 60.0  # extra seconds a registry may take to answer once a blob is all sent,
 COMMIT_RATE = 20e6  # plus its size at this many bytes per second (it may hash or move it)
-DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 _MEDIA_TYPE_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 )
@@ -113,12 +113,13 @@ async def upload(
     hashed on the way: a file whose bytes do not match its digest is never committed.
 
     ``manifest`` is pushed as given to ``manifests/<manifest_ref>`` (its own sha256 digest by
-    default) with ``manifest_media_type``, else its ``mediaType`` field, else Docker's v2
-    manifest type. Credentials, redirects, retries, stalls and progress work as in
-    :func:`download`, except that once a blob's last byte is sent the registry may take 60 s
-    more than ``stall_timeout``, plus a second per 20 MB, to answer: it may be verifying or
-    moving the blob. Raises :class:`TransferError` (naming the blob or manifest), and
-    :class:`ValueError` / :class:`TypeError` for bad arguments before any I/O.
+    default) with ``manifest_media_type``, else its ``mediaType`` field, else the OCI type its
+    fields make it (an index if it lists ``manifests``). Credentials, redirects, retries,
+    stalls and progress work as in :func:`download`, except that once a blob's last byte is
+    sent the registry may take 60 s more than ``stall_timeout``, plus a second per 20 MB, to
+    answer: it may be verifying or moving the blob. Raises :class:`TransferError` (naming the
+    blob or manifest), and :class:`ValueError` / :class:`TypeError` for bad arguments before
+    any I/O.
 
     ``repository`` defaults to ``library/_``, a placeholder that only the in-process test registry
     (:mod:`trio_blobs.testing`) accepts: real registries need the repository named.
@@ -199,18 +200,25 @@ def _check_manifest(
             f"manifest_ref must be a tag or the manifest's digest {digest}, got {ref!r}"
         )
     if media_type is None:
-        media_type = _declared_media_type(manifest) or DOCKER_MANIFEST_V2
+        media_type = _media_type_of(manifest)
     if not isinstance(media_type, str) or not _MEDIA_TYPE_RE.fullmatch(media_type):
         raise ValueError(f"the manifest's media type must be type/subtype, got {media_type!r}")
     return manifest, ref, media_type, digest
 
 
-def _declared_media_type(manifest: bytes) -> str | None:
+def _media_type_of(manifest: bytes) -> str:
+    """The manifest's own ``mediaType``; without one (OCI 1.0 left it optional), an OCI index
+    if it lists ``manifests``, else an OCI image manifest, as :meth:`Manifest.parse` reads it."""
     try:
-        declared = json.loads(manifest).get("mediaType")
-    except (ValueError, AttributeError):
-        return None
-    return declared if isinstance(declared, str) else None
+        document = json.loads(manifest)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        return OCI_MANIFEST
+    declared = document.get("mediaType")
+    if isinstance(declared, str):
+        return declared
+    return OCI_INDEX if "manifests" in document else OCI_MANIFEST
 
 
 def _check_sources(src: Path, blobs: list[Blob]) -> None:
@@ -566,7 +574,13 @@ class _Pusher:
                 body=manifest,
                 watch=watch,
             )
-            check_announced_digest(response, digest)
+            announced = response.headers.get("docker-content-digest", digest).strip()
+            if announced != digest:  # it changed the manifest: sending it again changes nothing
+                raise ProtocolError(
+                    f"the registry stored the manifest as {announced}",
+                    digest=digest,
+                    url=str(response.request.url),
+                )
 
         await self.transfer.with_retries(Blob(digest, len(manifest)), attempt)
 

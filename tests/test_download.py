@@ -2,6 +2,7 @@
 
 import errno
 import functools
+import logging
 import os
 import resource
 import signal
@@ -31,6 +32,7 @@ from trio_blobs import (
     StallError,
     download,
 )
+from trio_blobs._transfer import local_file_errors
 from trio_blobs.testing import Fault, Registry
 
 from ._helpers import BASE_URL, CountingTransport, add_blobs, went_backwards
@@ -74,6 +76,34 @@ async def test_downloads_in_parallel_within_the_concurrency_limit(
     assert trio.current_time() - start == pytest.approx(7.0, abs=0.01)  # ceil(20 / 3) rounds
     assert result.downloaded == tuple(b.digest for b in blobs)
     assert_exactly(tmp_path, registry, blobs)
+
+
+async def test_concurrency_stays_within_the_files_the_process_may_open(
+    registry: Registry,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (64 + 3 * 5, resource.RLIM_INFINITY))
+    caplog.set_level(logging.INFO, "trio_blobs")
+    blobs = add_blobs(registry, *range(1000, 1020))
+    registry.add_fault(Fault(delay=1.0, times=None))
+    transport = CountingTransport(registry.transport())
+    async with httpx.AsyncClient(transport=transport) as client:
+        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, concurrency=20)
+    assert transport.peak == 5
+    assert "concurrency 20 would need about 60 open files" in caplog.text
+    assert_exactly(tmp_path, registry, blobs)
+
+
+def test_running_out_of_files_says_what_to_do(tmp_path: Path) -> None:
+    blob = Blob.from_bytes(b"x")
+    with (
+        pytest.raises(LocalFileError, match=r"Too many open files \(lower concurrency"),
+        local_file_errors(blob.digest, tmp_path),
+    ):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
 
 # -- 2. verified files only under final names, nothing stray ----------------------------------

@@ -93,9 +93,10 @@ async def download(
     where the system allows, so that not even a killed process leaves it behind), hashed as
     it arrives, and given that name only once its size and digest match. A blob whose file
     already has the right size is skipped without a request. At most ``concurrency`` requests are
-    in flight. A blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it
-    received when an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later
-    call in any process, re-hashes it and asks only for the rest (``Range``). A finished blob is
+    in flight (fewer where the process may not open three files for each: ``ulimit -n``). A
+    blob of ``resume_threshold`` bytes or more (64 MiB by default) keeps what it received when
+    an attempt fails, in ``.sha256-<hex>.partial``: the next attempt, or a later call in any
+    process, re-hashes it and asks only for the rest (``Range``). A finished blob is
     never rewritten, even by a concurrent download of the same blob (except on a filesystem
     without hard links, where that download renames its own verified copy over it, atomically:
     the name never holds anything else). ``rate_limit`` (bytes per second) caps the whole call's

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import re
+import resource
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ BlobProgressCallback = Callable[[Blob, int], object]
 ``blob.size`` once the blob is done (verified, committed, mounted, or found already there)."""
 
 DEFAULT_LOGGER = logging.getLogger("trio_blobs")
+FILES_PER_TRANSFER = 3  # a blob's file, its connection, and one to where a redirect leads
+FILES_KEPT = 64  # open files left to the rest of the process
 _LINE_BREAK = re.compile(r"[\r\n\0]")  # what no header value may hold
 
 
@@ -67,7 +71,30 @@ class local_file_errors:  # a class: cheaper than @contextmanager, and used a lo
         self, kind: type[BaseException] | None, exc: BaseException | None, _: object
     ) -> None:
         if isinstance(exc, OSError):
-            raise LocalFileError(f"{self.path}: {exc.strerror or exc}", digest=self.digest) from exc
+            reason = exc.strerror or str(exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                reason += " (lower concurrency, or raise the limit: ulimit -n)"
+            raise LocalFileError(f"{self.path}: {reason}", digest=self.digest) from exc
+
+
+def _within_file_limit(concurrency: int, logger: logging.Logger) -> int:
+    """``concurrency``, or as many transfers as this process may open files for, if fewer:
+    each holds a file and a connection, and one more while a redirect's target answers."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return concurrency
+    fitting = max(1, (soft - FILES_KEPT) // FILES_PER_TRANSFER)
+    if concurrency <= fitting:
+        return concurrency
+    logger.info(
+        "concurrency %d would need about %d open files, and this process may open %d "
+        "(ulimit -n): %d transfers at a time",
+        concurrency,
+        concurrency * FILES_PER_TRANSFER,
+        soft,
+        fitting,
+    )
+    return fitting
 
 
 def check_options(
@@ -247,7 +274,7 @@ class Transfer:
         self.session = session
         self.rate_limit = RateLimit(rate_limit) if rate_limit is not None else None
         self._bodies = trio.CapacityLimiter(max_body_streams) if max_body_streams else None
-        self.limiter = trio.CapacityLimiter(concurrency)
+        self.limiter = trio.CapacityLimiter(_within_file_limit(concurrency, session.logger))
         self.monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
         self.retry = retry
         self.progress = progress

@@ -24,7 +24,13 @@ CASES: list[tuple[str, AuthChallenge]] = [
     (
         'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
         'scope="repository:me/app:pull,push",error="insufficient_scope"',
-        A("bearer", HUB_REALM, "registry.docker.io", "repository:me/app:pull,push"),
+        A(
+            "bearer",
+            HUB_REALM,
+            "registry.docker.io",
+            "repository:me/app:pull,push",
+            "insufficient_scope",
+        ),
     ),
     (
         'Bearer realm="https://ghcr.io/token",service="ghcr.io",scope="repository:octo/hello:pull"',
@@ -77,7 +83,10 @@ CASES: list[tuple[str, AuthChallenge]] = [
     ('Basic dXNl/+cjpw= , realm="not basic\'s"', A("basic")),
     ('Foo abc==, Basic realm="b"', A("foo")),
     # Unknown parameters are ignored; a repeated one keeps its first value.
-    ('Bearer error="invalid_token",realm="r",charset="UTF-8"', A("bearer", "r")),
+    (
+        'Bearer error="invalid_token",realm="r",charset="UTF-8"',
+        A("bearer", "r", error="invalid_token"),
+    ),
     ('Bearer realm="first", realm="second", REALM=third', A("bearer", "first")),
     # A scheme with no parameters.
     ("Bearer", A("bearer")),

@@ -427,14 +427,14 @@ async def test_a_push_from_an_oci_layout_names_its_files_in_errors(
 
     def open_source(path: Path) -> int:
         if path.name == broken.file_name:
-            raise OSError(errno.EMFILE, "Too many open files")
+            raise OSError(errno.EACCES, "Permission denied")
         return real_open(path)
 
     monkeypatch.setattr(trio_blobs._upload, "_open_source", open_source)
     with pytest.raises(LocalFileError) as caught:
         await push_in_process(served, layout, "copies/model")
     assert str(caught.value) == (
-        f"{broken.digest}: {layout.blob_path(broken.digest)}: Too many open files"
+        f"{broken.digest}: {layout.blob_path(broken.digest)}: Permission denied"
     )
 
 

@@ -280,11 +280,10 @@ async def test_a_first_request_that_fails_lets_the_others_go(tmp_path: Path) -> 
 async def test_a_token_rejected_after_refresh_is_final(tmp_path: Path) -> None:
     registry = Registry(token="right")
     blobs = add_blobs(registry, 10)
-    calls = 0
+    errors: list[str | None] = []
 
     async def get_token(challenge: AuthChallenge) -> str:
-        nonlocal calls
-        calls += 1
+        errors.append(challenge.error)
         return "wrong"
 
     async with httpx.AsyncClient(transport=registry.transport()) as client:
@@ -294,8 +293,9 @@ async def test_a_token_rejected_after_refresh_is_final(tmp_path: Path) -> None:
             )
     assert caught.value.status == 401
     assert caught.value.digest == blobs[0].digest
-    assert calls == 1
-    assert len(registry.requests) == 2
+    # Asked once at first contact, and once more after the token was refused, saying so.
+    assert errors == [None, "invalid_token"]
+    assert len(registry.requests) == 3
 
 
 async def test_a_401_without_get_token_is_a_clear_error(tmp_path: Path) -> None:

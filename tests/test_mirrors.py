@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_blobs import Blob, download
+from trio_blobs import AuthChallenge, Blob, download
 from trio_blobs.testing import Fault, Registry
 
 from ._helpers import BASE_URL, add_blobs
@@ -137,6 +137,32 @@ async def test_credentials_go_to_mirrors_only_when_asked(
         token="t",
     )
     assert [r.headers.get("authorization") for r in mirror.requests] == ["Bearer t"]
+
+
+async def test_a_mirror_with_credentials_of_its_own_keeps_them_apart(tmp_path: Path) -> None:
+    registry, mirror = Registry(token="registry-token"), Registry(token="mirror-token")
+    blobs = add_blobs(registry, *range(100, 120))
+    copy(blobs[::2], registry, mirror)  # the others are misses there: 404, then the registry
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        return "mirror-token" if "mirror.test" in (challenge.realm or "") else "registry-token"
+
+    transport = Hosts({"registry.test": registry, "mirror.test": mirror})
+    async with httpx.AsyncClient(transport=transport) as client:
+        await download(
+            blobs,
+            base_url=BASE_URL,
+            dest_dir=tmp_path,
+            client=client,
+            mirrors=[MIRROR],
+            mirror_credentials=True,
+            get_token=get_token,
+        )
+    # One challenge each (the first request): neither side's token replaced the other's.
+    for served, token in ((mirror, "mirror-token"), (registry, "registry-token")):
+        sent = [r.headers.get("authorization") for r in served.requests]
+        assert sum(header != f"Bearer {token}" for header in sent) == 1
+    assert (blob_gets(mirror), blob_gets(registry)) == (20 + 1, 10 + 1)  # and the refused ones
 
 
 @pytest.mark.parametrize(("mirrors", "error"), [(["ftp://x"], ValueError), ("http://m", TypeError)])

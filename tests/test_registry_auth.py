@@ -1,6 +1,7 @@
 """RegistryAuth, the built-in get_token: token requests, caching, and where credentials go."""
 
 import base64
+import dataclasses
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,8 @@ from trio_blobs import (
     AuthenticationError,
     ConnectionFailedError,
     RegistryAuth,
+    RetriesExhaustedError,
+    RetryPolicy,
     download,
 )
 from trio_blobs.testing import Registry
@@ -90,6 +93,81 @@ async def test_tokens_are_cached_until_shortly_before_they_expire(
     await trio.sleep(2)  # 271 s: within 30 s of the end
     await auth(challenge)
     assert len(service.requests) == 3
+
+
+async def test_a_challenge_that_says_the_token_was_refused_gets_a_new_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = TokenService()
+    auth = RegistryAuth("https://registry.test", client=service.client())
+    challenge = bearer("https://registry.test/token")
+    await auth(challenge)
+    await auth(challenge)
+    assert len(service.requests) == 1
+    await auth(dataclasses.replace(challenge, error="invalid_token"))
+    assert len(service.requests) == 2
+
+
+def test_tokens_are_not_trusted_across_trio_runs() -> None:
+    """Each run's clock starts at another point: a token's expiry means nothing in the next."""
+    service = TokenService()
+    auth = RegistryAuth("https://registry.test", client=service.client())
+    for _ in range(2):
+        trio.run(auth, bearer("https://registry.test/token"))
+    assert len(service.requests) == 2
+
+
+async def test_a_revoked_cached_token_is_replaced(tmp_path: Path) -> None:
+    registry = Registry(token="first")
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        auth = RegistryAuth(BASE_URL, client=client)
+        await download(
+            add_blobs(registry, 10),
+            base_url=BASE_URL,
+            dest_dir=tmp_path,
+            client=client,
+            get_token=auth,
+        )
+        registry.token = "second"  # the first is refused from now on, though not expired
+        await download(
+            add_blobs(registry, 20),
+            base_url=BASE_URL,
+            dest_dir=tmp_path,
+            client=client,
+            get_token=auth,
+        )
+    assert registry.token_requests == 2
+
+
+async def test_a_failed_token_fetch_fails_those_that_waited_for_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = Registry(token="t")
+    blobs = add_blobs(registry, *range(100, 120))
+    calls = 0
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(30)  # a token service that takes connections and never answers
+        raise ConnectionFailedError("token request failed: ReadTimeout")
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        start = trio.current_time()
+        with pytest.raises(RetriesExhaustedError):
+            await download(
+                blobs,
+                base_url=BASE_URL,
+                dest_dir=tmp_path,
+                client=client,
+                get_token=get_token,
+                retry=RetryPolicy(max_attempts=2),
+            )
+    # One fetch for the first request, one for all the others, whose second attempts wait for
+    # it too: not one fetch after another for each of the 20 blobs, each taking its 30 s.
+    assert calls == 2
+    assert trio.current_time() - start == pytest.approx(60)
+    assert trio.current_time() - start < 4 * 30 + 5
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,10 @@ class AuthChallenge:
     realm: str | None = None
     service: str | None = None
     scope: str | None = None
+    error: str | None = None
+    """Why credentials sent were refused (RFC 6750: ``"invalid_token"``,
+    ``"insufficient_scope"``); None for a first challenge. A ``get_token`` should not hand back
+    a cached token for a challenge with an ``error``."""
 
     def with_scopes(self, *scopes: str | None) -> AuthChallenge:
         """This challenge asking for ``scopes`` besides its own, merged per resource:
@@ -71,7 +75,8 @@ def parse_auth_challenge(header: str) -> AuthChallenge:
     """The challenge to answer from a ``WWW-Authenticate`` header value.
 
     The first Bearer challenge if there is one, otherwise the first challenge of any scheme;
-    ``AuthChallenge()`` if there is none. Only ``realm``, ``service`` and ``scope`` are kept;
+    ``AuthChallenge()`` if there is none. Only ``realm``, ``service``, ``scope`` and ``error``
+    are kept;
     a parameter given twice keeps its first value. Never raises: malformed parts are skipped.
     """
     challenges = _parse_challenges(header)
@@ -86,6 +91,7 @@ def parse_auth_challenge(header: str) -> AuthChallenge:
         realm=params.get("realm"),
         service=params.get("service"),
         scope=params.get("scope"),
+        error=params.get("error"),
     )
 
 

@@ -24,8 +24,9 @@ class RegistryAuth:
 
     A Bearer challenge is answered with a token from its realm (``GET <realm>?service=&scope=``),
     asked for anonymously or, with ``username`` and ``password``, with Basic credentials. Tokens
-    are cached per realm, service and scope until shortly before their ``expires_in`` runs out.
-    A Basic challenge is answered with the credentials themselves.
+    are cached per realm, service and scope until shortly before their ``expires_in`` runs out,
+    within one ``trio.run``; a challenge that says a token was refused (its ``error``) gets a
+    new one. A Basic challenge is answered with the credentials themselves.
 
     Credentials only ever go to a realm the caller trusts: one on ``base_url``'s own host (over
     https, or over http when the registry itself is http), on an origin listed in
@@ -56,7 +57,10 @@ class RegistryAuth:
         self._trusted = {_origin_of_realm(realm) for realm in trusted_realms}
         self._first_realm: tuple[str, str, int | None] | None = None
         self._client = client
-        self._tokens: dict[tuple[str, str | None, str | None], tuple[str, float]] = {}
+        # (realm, service, scope) -> token, when to refresh it, and the run whose clock says so
+        self._tokens: dict[
+            tuple[str, str | None, str | None], tuple[str, float, trio.lowlevel.TrioToken]
+        ] = {}
 
     def __repr__(self) -> str:  # never shows the credentials
         user = "with credentials" if self._basic else "anonymous"
@@ -75,12 +79,18 @@ class RegistryAuth:
                 f"cannot answer a {challenge.scheme or 'malformed'} challenge", status=401
             )
         key = (challenge.realm, challenge.service, challenge.scope)
+        run = trio.lowlevel.current_trio_token()  # each run's clock starts somewhere else
         cached = self._tokens.get(key)
-        if cached is not None and trio.current_time() < cached[1]:
+        if (
+            cached is not None
+            and challenge.error is None
+            and cached[2] is run
+            and trio.current_time() < cached[1]
+        ):
             return cached[0]
         token, lifetime = await self._fetch(challenge.realm, challenge.service, challenge.scope)
         # Refresh a little before the token runs out: a tenth of its life, at most 30 s.
-        self._tokens[key] = (token, trio.current_time() + lifetime - min(lifetime / 10, 30.0))
+        self._tokens[key] = (token, trio.current_time() + lifetime - min(lifetime / 10, 30.0), run)
         return token
 
     def _may_send_credentials(self, realm: httpx.URL) -> bool:

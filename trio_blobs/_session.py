@@ -6,6 +6,7 @@ This is the one place where httpx errors become :class:`TransferError` and where
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import urllib.request
 from collections.abc import (
@@ -74,8 +75,16 @@ class Credentials:
         self.generation = 0
         self.scope: str | None = None
         self.get_token = get_token
+        self._token = token
         self._lock = trio.Lock()
         self._probed: trio.Event | None = None
+        self._fetched = 0  # token fetches ended, however
+        self._failure: TransferError | None = None  # how the last one failed, if it did
+
+    def for_another_origin(self) -> Credentials:
+        """The same ``token`` and ``get_token``, with tokens of their own: another origin (a
+        mirror) may answer with other challenges, whose tokens must not replace these."""
+        return Credentials(token=self._token, get_token=self.get_token)
 
     def probe(self, watch: Watch | None) -> AbstractAsyncContextManager[None]:
         """Around sending a request: the first one while there is no token goes on at once,
@@ -101,24 +110,40 @@ class Credentials:
         self, get_token: GetToken, rejected_generation: int, challenge: AuthChallenge
     ) -> None:
         """Replace the credentials that ``rejected_generation`` used, unless replaced meanwhile
-        by ones for all that ``challenge`` asks."""
+        by ones for all that ``challenge`` asks. A fetch that fails fails the requests that
+        waited for it as well, rather than each asking again in turn."""
+        fetched = self._fetched
         async with self._lock:
+            refused = self.generation == rejected_generation
+            if refused and self._fetched != fetched and self._failure is not None:
+                raise self._failure
             challenge = challenge.with_scopes(self.scope)
-            if self.generation != rejected_generation and challenge.scope == self.scope:
+            if not refused and challenge.scope == self.scope:
                 return
+            if refused and self.header is not None and challenge.error is None:
+                # Ours were sent and refused: no provider should hand the same ones back.
+                challenge = dataclasses.replace(challenge, error="invalid_token")
             try:
-                token = await get_token(challenge)
-            except TransferError:
-                raise
-            except Exception as exc:
-                raise AuthenticationError(
-                    f"get_token failed for {challenge.realm or 'the registry'}: {exc!r}",
-                    status=401,
-                ) from exc
+                token = await self._fetch(get_token, challenge)
+            finally:
+                self._fetched += 1
             scheme = "Basic" if challenge.scheme == "basic" else "Bearer"
             self.header = f"{scheme} {token}"
             self.scope = challenge.scope
             self.generation += 1
+
+    async def _fetch(self, get_token: GetToken, challenge: AuthChallenge) -> str:
+        self._failure = None
+        try:
+            return await get_token(challenge)
+        except TransferError as exc:
+            self._failure = exc
+            raise
+        except Exception as exc:
+            self._failure = AuthenticationError(
+                f"get_token failed for {challenge.realm or 'the registry'}: {exc!r}", status=401
+            )
+            raise self._failure from exc
 
 
 class TransferClient(httpx.AsyncClient):
@@ -192,7 +217,9 @@ class RegistrySession:
             base_url=base_url,
             repository=self.repository,
             credentials=(
-                self.credentials if with_credentials else Credentials(token=None, get_token=None)
+                self.credentials.for_another_origin()
+                if with_credentials
+                else Credentials(token=None, get_token=None)
             ),
             user_agent=self._user_agent,
             logger=self.logger,
@@ -264,13 +291,17 @@ class RegistrySession:
         watch: Watch | None,
     ) -> tuple[httpx.Response, bool]:
         """The first response that is not a redirect or a resolvable 401, and whether a token
-        refresh was tried on the way."""
-        refreshed = False
+        refresh was tried on the way.
+
+        A 401 to credentials sent is answered with a refresh once; a 401 to none (the first
+        contact) does not count, so that a provider's cached token, refused, is replaced."""
+        refreshed = done_refreshing = False
         hops = 0
         get_token = self.credentials.get_token
         while True:
             send_auth = origin(url) == self._origin
             generation = self.credentials.generation
+            sent_credentials = send_auth and self.credentials.header is not None
             content = body() if callable(body) else body
             if self._direct is not None:  # no client defaults to merge: built directly
                 fields = {"accept-encoding": "identity"}  # no coding the caller must undo
@@ -286,7 +317,7 @@ class RegistrySession:
             if watch is not None:
                 watch.progress(0)
             status = response.status_code
-            if status == 401 and send_auth and not refreshed and get_token is not None:
+            if status == 401 and send_auth and not done_refreshing and get_token is not None:
                 await _discard(response)
                 challenge = parse_auth_challenge(response.headers.get("www-authenticate", ""))
                 self.logger.info("fetching a token for %s (%s challenge)", url, challenge.scheme)
@@ -294,7 +325,7 @@ class RegistrySession:
                     await self.credentials.refresh(
                         get_token, generation, challenge.with_scopes(self._scope)
                     )
-                refreshed = True
+                refreshed, done_refreshing = True, sent_credentials
                 continue
             if status not in REDIRECT_STATUSES:
                 return response, refreshed

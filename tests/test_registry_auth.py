@@ -118,24 +118,15 @@ def test_tokens_are_not_trusted_across_trio_runs() -> None:
 
 
 async def test_a_revoked_cached_token_is_replaced(tmp_path: Path) -> None:
-    registry = Registry(token="first")
+    registry = Registry()
     async with httpx.AsyncClient(transport=registry.transport()) as client:
         auth = RegistryAuth(BASE_URL, client=client)
-        await download(
-            add_blobs(registry, 10),
-            base_url=BASE_URL,
-            dest_dir=tmp_path,
-            client=client,
-            get_token=auth,
-        )
-        registry.token = "second"  # the first is refused from now on, though not expired
-        await download(
-            add_blobs(registry, 20),
-            base_url=BASE_URL,
-            dest_dir=tmp_path,
-            client=client,
-            get_token=auth,
-        )
+        # The second token refuses the first from then on, though it has not expired.
+        for size, registry.token in ((10, "first"), (20, "second")):
+            blobs = add_blobs(registry, size)
+            await download(
+                blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, get_token=auth
+            )
     assert registry.token_requests == 2
 
 

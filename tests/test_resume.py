@@ -2,10 +2,12 @@
 
 import fcntl
 import os
+import shutil
 import signal
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -136,6 +138,19 @@ async def test_a_full_disk_keeps_what_was_received(
     assert len(gets(registry, blob)) == 1  # not retried
 
 
+async def test_the_free_space_needed_counts_what_partial_files_hold(
+    registry: Registry, client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [blob] = add_blobs(registry, 2 * MB)
+    data = registry.blobs["library/_"][blob.digest]
+    partial_of(tmp_path, blob).write_bytes(data[: 3 * MB // 2])
+    free = MB // 2 + 10  # enough for the rest, not for the whole blob
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(free=free))
+    await download([blob], base_url=BASE_URL, dest_dir=tmp_path, client=client, resume_threshold=MB)
+    assert gets(registry, blob) == [f"bytes={3 * MB // 2}-"]
+    assert (tmp_path / blob.file_name).read_bytes() == data
+
+
 async def test_a_cancelled_download_keeps_what_was_received(
     registry: Registry,
     client: httpx.AsyncClient,
@@ -206,12 +221,12 @@ async def test_two_calls_fetching_the_same_blob_never_corrupt_it(
     assert sorted(os.listdir(tmp_path)) == sorted([big.file_name, small.file_name])
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
 async def test_a_partial_name_that_is_not_a_file_is_left_alone(
     registry: Registry, client: httpx.AsyncClient, tmp_path: Path, kind: str
 ) -> None:
-    """A symbolic link at the partial file's name is never written through (its target may be
-    outside dest_dir), nor a FIFO waited on: the blob is fetched into a file of its own."""
+    """A symbolic or hard link at the partial file's name is never written through (its target
+    may be outside dest_dir), nor a FIFO waited on: the blob is fetched into a file of its own."""
     [blob] = add_blobs(registry, 300_000)
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -219,6 +234,8 @@ async def test_a_partial_name_that_is_not_a_file_is_left_alone(
     outside.write_bytes(b"precious\n")
     if kind == "symlink":
         partial_of(dest, blob).symlink_to(outside)
+    elif kind == "hardlink":
+        os.link(outside, partial_of(dest, blob))
     else:
         os.mkfifo(partial_of(dest, blob))
     with trio.fail_after(10):

@@ -153,7 +153,7 @@ async def download(
         return DownloadResult((), ())
     digests = [blob.digest for blob in todo]
     async with open_session(options, concurrency=concurrency, actions="pull") as session:
-        present = _prepare(dest, todo)
+        present = _prepare(dest, todo, resume_threshold)
         tracker = Progress(
             progress, total=sum(blob.size for blob in todo), blob_callback=blob_progress
         )
@@ -213,10 +213,11 @@ async def download(
     )
 
 
-def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
+def _prepare(dest: Path, blobs: list[Blob], resume_threshold: int) -> set[str]:
     """Create ``dest`` if needed; return the digests of blobs already there with the right size.
 
-    Raises :class:`LocalFileError` when the others cannot fit in the space free there.
+    Raises :class:`LocalFileError` when the others cannot fit in the space free there, less
+    what their partial files hold already.
     """
     with local_file_errors(None, dest):
         if dest.exists() and not dest.is_dir():
@@ -236,7 +237,11 @@ def _prepare(dest: Path, blobs: list[Blob]) -> set[str]:
                 raise IsADirectoryError(errno.EISDIR, "a directory has the blob's name")
             if stat.S_ISREG(info.st_mode) and info.st_size == blob.size:
                 present.add(blob.digest)
-    needed = sum(blob.size for blob in blobs if blob.digest not in present)
+    needed = sum(
+        blob.size - (_kept(dest, blob) if blob.size >= resume_threshold else 0)
+        for blob in blobs
+        if blob.digest not in present
+    )
     with local_file_errors(None, dest):
         free = shutil.disk_usage(dest).free
     if needed > free:
@@ -461,7 +466,7 @@ class _PartialFile:
     async def open(cls, dest: Path, blob: Blob, *, resumable: bool) -> _PartialFile:
         """The file to write ``blob`` into, with what a failed attempt kept re-hashed."""
         final = dest / blob.file_name
-        path = dest / f".{blob.file_name}.partial"
+        path = _partial_path(dest, blob)
         with local_file_errors(blob.digest, path):
             file = _open_partial(path) if resumable else None
         with local_file_errors(blob.digest, dest):
@@ -554,9 +559,29 @@ class _PartialFile:
         self._committed = True
 
 
+def _partial_path(dest: Path, blob: Blob) -> Path:
+    return dest / f".{blob.file_name}.partial"
+
+
+def _kept(dest: Path, blob: Blob) -> int:
+    """Bytes of ``blob`` that its partial file holds, to resume from (0 if none usable)."""
+    try:
+        info = _partial_path(dest, blob).lstat()
+    except OSError:
+        return 0
+    return info.st_size if _usable_partial(info) and info.st_size <= blob.size else 0
+
+
+def _usable_partial(info: os.stat_result) -> bool:
+    """Whether a partial file may be written to: a regular file of no other name (a hard link
+    to a file elsewhere would be written through, as a symbolic link would)."""
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+
+
 def _open_partial(path: Path) -> BinaryIO | None:
     """The partial file ``path``, opened (or created) to append to; None when something else
-    has that name: a symbolic link is never written through, a FIFO never waited on."""
+    has that name: neither a symbolic nor a hard link is written through, a FIFO never waited
+    on."""
     flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o666)
@@ -564,7 +589,7 @@ def _open_partial(path: Path) -> BinaryIO | None:
         if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             return None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if not _usable_partial(os.fstat(fd)):
         os.close(fd)
         return None
     os.set_blocking(fd, True)  # a regular file: I/O as usual from here on

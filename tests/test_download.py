@@ -87,11 +87,16 @@ async def test_concurrency_stays_within_the_files_the_process_may_open(
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda _: (64 + 3 * 5, resource.RLIM_INFINITY))
     caplog.set_level(logging.INFO, "trio_blobs")
-    blobs = add_blobs(registry, *range(1000, 1020))
+    blobs = add_blobs(registry, *range(1000, 1040))
     registry.add_fault(Fault(delay=1.0, times=None))
     transport = CountingTransport(registry.transport())
-    async with httpx.AsyncClient(transport=transport) as client:
-        await download(blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, concurrency=20)
+    async with httpx.AsyncClient(transport=transport) as client, trio.open_nursery() as nursery:
+        # Two calls at once share the places: the files are the process's.
+        for half in (blobs[:20], blobs[20:]):
+            fetch = functools.partial(
+                download, half, base_url=BASE_URL, dest_dir=tmp_path, client=client, concurrency=20
+            )
+            nursery.start_soon(fetch)
     assert transport.peak == 5
     assert "concurrency 20 would need about 60 open files" in caplog.text
     assert_exactly(tmp_path, registry, blobs)

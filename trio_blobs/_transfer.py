@@ -77,24 +77,29 @@ class local_file_errors:  # a class: cheaper than @contextmanager, and used a lo
             raise LocalFileError(f"{self.path}: {reason}", digest=self.digest) from exc
 
 
-def _within_file_limit(concurrency: int, logger: logging.Logger) -> int:
-    """``concurrency``, or as many transfers as this process may open files for, if fewer:
-    each holds a file and a connection, and one more while a redirect's target answers."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return concurrency
-    fitting = max(1, (soft - FILES_KEPT) // FILES_PER_TRANSFER)
-    if concurrency <= fitting:
-        return concurrency
-    logger.info(
-        "concurrency %d would need about %d open files, and this process may open %d "
-        "(ulimit -n): %d transfers at a time",
-        concurrency,
-        concurrency * FILES_PER_TRANSFER,
-        soft,
-        fitting,
-    )
-    return fitting
+_FILE_SLOTS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trio_blobs.files")
+
+
+def _file_slots(concurrency: int, logger: logging.Logger) -> trio.CapacityLimiter:
+    """The places for transfers that every call of this trio run shares: as many as the process
+    may open files for (each holds a file and a connection, and one more while a redirect's
+    target answers), or no limit where there is none. Says so when ``concurrency`` is more."""
+    try:
+        slots = _FILE_SLOTS.get()
+    except LookupError:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fitting = max(1, (soft - FILES_KEPT) // FILES_PER_TRANSFER)
+        slots = trio.CapacityLimiter(math.inf if soft == resource.RLIM_INFINITY else fitting)
+        _FILE_SLOTS.set(slots)
+    if concurrency > slots.total_tokens:
+        logger.info(
+            "concurrency %d would need about %d open files, more than this process may open "
+            "(ulimit -n): %d transfers at a time, with those of other calls",
+            concurrency,
+            concurrency * FILES_PER_TRANSFER,
+            slots.total_tokens,
+        )
+    return slots
 
 
 def check_options(
@@ -274,7 +279,8 @@ class Transfer:
         self.session = session
         self.rate_limit = RateLimit(rate_limit) if rate_limit is not None else None
         self._bodies = trio.CapacityLimiter(max_body_streams) if max_body_streams else None
-        self.limiter = trio.CapacityLimiter(_within_file_limit(concurrency, session.logger))
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self._files = _file_slots(concurrency, session.logger)
         self.monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
         self.retry = retry
         self.progress = progress
@@ -321,6 +327,12 @@ class Transfer:
         if errors:
             raise errors[0]
 
+    async def _take_file_slot(self) -> None:
+        try:
+            self._files.acquire_nowait()  # no checkpoint: as cheap as can be, per attempt
+        except trio.WouldBlock:
+            await self._files.acquire()
+
     async def with_retries(
         self,
         blob: Blob,
@@ -338,8 +350,12 @@ class Transfer:
             watch: Watch | None = None
             try:
                 async with limiter or self.limiter:
-                    with self.monitor.watch() as watch:
-                        await attempt(watch)
+                    await self._take_file_slot()
+                    try:
+                        with self.monitor.watch() as watch:
+                            await attempt(watch)
+                    finally:
+                        self._files.release()
                 error = watch.error(stall_timeout=self.monitor.stall_timeout, digest=blob.digest)
                 if error is None:
                     self.monitor.history.add(

@@ -27,6 +27,7 @@ import trio.testing
 
 import trio_blobs._upload
 from trio_blobs import (
+    AuthChallenge,
     Blob,
     IntegrityError,
     LocalFileError,
@@ -657,6 +658,30 @@ async def test_fetch_manifest_asks_for_every_manifest_type_and_resolves_an_index
     assert {r.headers["accept"] for r in registry.requests} == {
         f"{OCI_MANIFEST}, {OCI_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
     }
+
+
+async def test_fetch_manifest_waits_for_a_token_without_counting_it_a_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registry = Registry(token="t")
+    image = make_image(10)
+    store(registry, image, "org/app", "v1")
+
+    async def slow_token(challenge: AuthChallenge) -> str:
+        await trio.sleep(15)  # longer than stall_timeout
+        return "t"
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        manifest = await fetch_manifest(
+            base_url=BASE_URL,
+            repository="org/app",
+            reference="v1",
+            client=client,
+            get_token=slow_token,
+            stall_timeout=10,
+        )
+    assert manifest.digest == image.digest
+    assert len(registry.requests) == 2  # the challenged one, and the one with the token
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import trio
 
 from ._digest import Blob, check_digest, compute_digest
 from ._exceptions import IntegrityError, ProtocolError, StallError, TransferError
+from ._monitor import Monitor, RateHistory, Watch
 from ._protocol import MAX_PORT, TAG_RE
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import GetToken, RegistrySession
@@ -413,31 +414,56 @@ async def _fetch(
     stall_timeout: float,
     policy: RetryPolicy,
 ) -> Manifest:
-    """One manifest, verified, with retries as ``policy`` allows."""
+    """One manifest, verified, with retries as ``policy`` allows. An attempt is cut off when
+    nothing arrives for ``stall_timeout`` seconds, as a blob's is: waiting for a token does not
+    count."""
     url = session.url(f"manifests/{reference}")
     digest = reference if _is_digest(reference) else None
     budget = AttemptBudget(policy)
-    while True:
-        try:
-            with trio.move_on_after(stall_timeout):
-                return await _fetch_once(session, url, digest, size)
-            raise StallError(f"no manifest after {stall_timeout:g} s", digest=digest, url=str(url))
-        except TransferError as exc:
-            delay = budget.after_failure(exc)
-            session.logger.info("manifest fetch failed, retrying in %.2f s: %s", delay, exc)
-            await trio.sleep(delay)
+    monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
+    failure: TransferError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(monitor.run)
+        while True:
+            try:
+                with monitor.watch() as watch:
+                    manifest = await _fetch_once(session, url, digest, size, watch)
+                    break
+                # Only the monitor cancels the watch: this attempt stalled.
+                raise watch.error(stall_timeout=stall_timeout, digest=digest) or StallError(
+                    "no manifest", digest=digest, url=str(url)
+                )
+            except TransferError as exc:
+                try:
+                    delay = budget.after_failure(exc)
+                except TransferError as final:  # raised outside the nursery, not in a group
+                    failure = final
+                    break
+                session.logger.info("manifest fetch failed, retrying in %.2f s: %s", delay, exc)
+                await trio.sleep(delay)
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return manifest
 
 
 async def _fetch_once(
-    session: RegistrySession, url: httpx.URL, digest: str | None, size: int | None
+    session: RegistrySession, url: httpx.URL, digest: str | None, size: int | None, watch: Watch
 ) -> Manifest:
     limit = MAX_MANIFEST_SIZE if size is None else size
     async with session.stream(
-        "GET", url, expect=(200,), digest=digest, what="manifest", headers={"accept": ACCEPT}
+        "GET",
+        url,
+        expect=(200,),
+        digest=digest,
+        what="manifest",
+        headers={"accept": ACCEPT},
+        watch=watch,
     ) as response:
         chunks: list[bytes] = []
         received = 0
         async for chunk in response.aiter_bytes():
+            watch.progress(len(chunk))
             chunks.append(chunk)
             received += len(chunk)
             if received > limit:

@@ -94,7 +94,7 @@ class Watch:
             self.verdict = verdict
             self.cancel_scope.cancel()
 
-    def error(self, *, stall_timeout: float, digest: str) -> TransferError | None:
+    def error(self, *, stall_timeout: float, digest: str | None) -> TransferError | None:
         """The error that describes why the monitor cut this attempt off, if it did (an
         attempt that finished before the cancellation could reach it was not cut off)."""
         if not self.cancel_scope.cancelled_caught:

@@ -764,6 +764,25 @@ async def test_a_bad_request_header_raises_before_anything_is_sent(
     assert [r.raw for r in server.requests] == [request_head(server, b"/")]
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("GET / HTTP/1.1\r\nHost: x\r\n\r\nDELETE /victim HTTP/1.1\r\nX:", id="crlf"),
+        pytest.param("GET /", id="space"),
+        pytest.param("GET\0", id="nul"),
+        pytest.param("GÉT", id="non-ascii"),
+        pytest.param("", id="empty"),
+    ],
+)
+async def test_a_method_that_is_not_a_token_raises_before_anything_is_sent(
+    server: Server, client: httpx.AsyncClient, method: str
+) -> None:
+    with pytest.raises(httpx.LocalProtocolError, match="invalid method"):
+        await client.request(method, server.url)
+    assert (await client.get(server.url)).text == "ok"
+    assert [r.raw for r in server.requests] == [request_head(server, b"/")]
+
+
 # -- 10. a server that answers before reading the whole body ----------------------------------
 
 

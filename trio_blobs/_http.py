@@ -316,8 +316,10 @@ def _describe(exc: BaseException) -> str:
 def _request_head(request: httpx.Request) -> tuple[bytes, int | None, bool]:
     """The request line and headers, the body's length (None: chunked), and whether the
     request asks to close the connection after it (``Connection: close``)."""
-    url = request.url
-    lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), url.raw_path)]
+    method = request.method.encode("ascii", "replace")  # "?" is no token character
+    if not _TOKEN.fullmatch(method):
+        raise httpx.LocalProtocolError(f"invalid method {request.method!r}", request=request)
+    lines = [b"%s %s HTTP/1.1" % (method, request.url.raw_path)]
     length: int | None = 0
     closing = False
     for name, value in request.headers.raw:

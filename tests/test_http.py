@@ -312,11 +312,12 @@ async def test_connections_are_reused_as_version_and_connection_header_say(
     assert [r.connection for r in server.requests] == ([1, 1, 1] if reused else [1, 2, 3])
 
 
+@pytest.mark.parametrize("connection", ["close", "close, te", "TE ,Close"])
 async def test_a_request_with_connection_close_is_not_reused(
-    server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient, connection: str
 ) -> None:
     for _ in range(2):
-        assert (await client.get(server.url, headers={"Connection": "close"})).text == "ok"
+        assert (await client.get(server.url, headers={"Connection": connection})).text == "ok"
     assert server.connections == 2
     await server.wait_for(lambda: server.eofs == 2)
 

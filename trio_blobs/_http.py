@@ -315,7 +315,7 @@ def _describe(exc: BaseException) -> str:
 
 def _request_head(request: httpx.Request) -> tuple[bytes, int | None, bool]:
     """The request line and headers, the body's length (None: chunked), and whether the
-    request asks to close the connection after it (``Connection: close``)."""
+    request asks to close the connection after it (``close`` among its ``Connection`` options)."""
     method = request.method.encode("ascii", "replace")  # "?" is no token character
     if not _TOKEN.fullmatch(method):
         raise httpx.LocalProtocolError(f"invalid method {request.method!r}", request=request)
@@ -332,7 +332,7 @@ def _request_head(request: httpx.Request) -> tuple[bytes, int | None, bool]:
             length = int(value)
         elif lowered == b"transfer-encoding" and value.lower() == b"chunked":
             length = None
-        elif lowered == b"connection" and value.strip().lower() == b"close":
+        elif lowered == b"connection" and b"close" in _items(value):
             closing = True
         lines.append(b"%s: %s" % (name, value))
     lines.append(b"\r\n")
@@ -485,7 +485,12 @@ def _response(
 
 def _tokens(fields: dict[bytes, list[bytes]], name: bytes) -> list[bytes]:
     """The comma-separated values of header ``name`` (lowercased field names), lowercased."""
-    return [token.strip().lower() for value in fields.get(name, ()) for token in value.split(b",")]
+    return [item for value in fields.get(name, ()) for item in _items(value)]
+
+
+def _items(value: bytes) -> list[bytes]:
+    """The items of a comma-separated header value, lowercased."""
+    return [item.strip() for item in value.lower().split(b",")]
 
 
 class _Body(httpx.AsyncByteStream):

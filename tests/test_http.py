@@ -617,6 +617,13 @@ async def test_bytes_after_a_response_keep_its_connection_out_of_the_pool(
     [
         pytest.param(b"HTTP/2 200 OK", id="version-2"),
         pytest.param(b"HTTP/1.1 20 OK", id="two-digits"),
+        pytest.param(b"HTTP/1.1 000 Zero\r\nContent-Length: 2", id="status-000"),
+        pytest.param(b"HTTP/1.1 099 Low\r\nContent-Length: 2", id="status-099"),
+        pytest.param(b"HTTP/1.1 200 OK\rX-Evil: 1\r\nContent-Length: 2", id="cr-in-reason"),
+        pytest.param(b"HTTP/1.1 200 O\0K\r\nContent-Length: 2", id="nul-in-reason"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 2", id="cr-in-value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\0b\r\nContent-Length: 2", id="nul-in-value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\r\r\nContent-Length: 2", id="cr-cr-lf"),
         pytest.param(b"HTTP/1.1 200OK", id="no-space"),
         pytest.param(b"ICY 200 OK", id="not-http"),
         pytest.param(b"HTTP/1.1 200 OK\r\nNoColon", id="no-colon"),
@@ -629,6 +636,10 @@ async def test_bytes_after_a_response_keep_its_connection_out_of_the_pool(
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3", id="length-list"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: -2", id="negative-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: two", id="word-length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: %s" % (b"9" * 19), id="huge-length"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %s2" % (b"0" * 4999), id="5000-digit-length"
+        ),
     ],
 )
 async def test_a_malformed_head_raises_and_closes_the_connection(
@@ -679,6 +690,17 @@ async def test_obsolete_line_folding_is_unfolded(server: Server, client: httpx.A
     response = await client.get(server.url)
     assert response.headers["x-folded"] == "a b c"
     assert response.text == "ok"
+
+
+async def test_a_folded_content_length_is_read_without_its_padding(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    server.handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length:\r\n  2\r\n \r\n\r\nhi")
+    response = await client.get(server.url)
+    assert response.headers.raw == [(b"Content-Length", b"2")]
+    assert response.text == "hi"
+    assert (await client.get(server.url)).text == "ok"
+    assert server.connections == 1
 
 
 # -- 9. request bodies and headers ------------------------------------------------------------
@@ -753,6 +775,7 @@ async def test_a_body_that_breaks_its_content_length_raises_local_protocol_error
         {"X-Bad": "a\0b"},
         {"Bad Name": "x"},
         {"Content-Length": "-1"},
+        {"Content-Length": "1" * 5000},
     ],
 )
 async def test_a_bad_request_header_raises_before_anything_is_sent(

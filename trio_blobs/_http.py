@@ -38,7 +38,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 _HEAD_END = re.compile(rb"\n\r?\n")
 _FORBIDDEN = re.compile(rb"[\r\n\0]")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (.*))?")
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: (.*))?")
+_LENGTH = re.compile(rb"[0-9]{1,18}")  # a Content-Length: under an exabyte
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 Origin = tuple[bytes, bytes, int]
@@ -327,8 +328,10 @@ def _request_head(request: httpx.Request) -> tuple[bytes, int | None, bool]:
             raise httpx.LocalProtocolError(f"invalid header {name!r}", request=request)
         lowered = name.lower()
         if lowered == b"content-length":
-            if not value.isdigit():
-                raise httpx.LocalProtocolError(f"invalid Content-Length {value!r}", request=request)
+            if not _LENGTH.fullmatch(value):
+                raise httpx.LocalProtocolError(
+                    f"invalid Content-Length {value[:20]!r}", request=request
+                )
             length = int(value)
         elif lowered == b"transfer-encoding" and value.lower() == b"chunked":
             length = None
@@ -407,6 +410,11 @@ async def _receive_head(
     """The next final (not 1xx) response head on ``connection``."""
     while True:
         head = await connection.receive_until(_HEAD_END, "response head", response_start=True)
+        # Every CR ends a line (the last line's LF is part of the head's end).
+        if b"\0" in head or head.count(b"\r") != head.count(b"\r\n") + head.endswith(b"\r"):
+            raise httpx.RemoteProtocolError(
+                "NUL or bare CR in a response head", request=connection.request
+            )
         lines = head.split(b"\n")
         status = _STATUS.fullmatch(lines[0].rstrip(b"\r"))
         if status is None:
@@ -418,7 +426,8 @@ async def _receive_head(
             line = line.rstrip(b"\r")
             if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
                 name, value = headers[-1]
-                headers[-1] = (name, value + b" " + line.strip(b" \t"))
+                folded = line.strip(b" \t")
+                headers[-1] = (name, value + b" " + folded if value and folded else value or folded)
                 continue
             name, colon, value = line.partition(b":")
             if not colon or not _TOKEN.fullmatch(name):
@@ -464,7 +473,7 @@ def _response(
     elif b"content-length" in fields:
         values = set(_tokens(fields, b"content-length"))
         text = values.pop() if len(values) == 1 else b""
-        if not text.isdigit():
+        if not _LENGTH.fullmatch(text):
             raise httpx.RemoteProtocolError("invalid Content-Length", request=request)
         remaining = int(text)
     else:

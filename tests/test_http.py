@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gzip
 import hashlib
 import ipaddress
 import itertools
@@ -480,6 +481,44 @@ async def test_transfer_encoding_chunked_wins_over_content_length(
     assert server.connections == 1
 
 
+@pytest.mark.parametrize("codings", [b"chunked,", b", Chunked", b"chunked ,,"])
+async def test_empty_transfer_encoding_items_are_ignored(
+    server: Server, client: httpx.AsyncClient, codings: bytes
+) -> None:
+    server.handler = answering(CHUNKED.replace(b"chunked", codings, 1))
+    assert (await client.get(server.url)).content == b"hello, world 123"
+    assert (await client.get(server.url)).text == "ok"
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("codings", [b"gzip, chunked", b"chunked, chunked", b"gzip", b","])
+async def test_a_transfer_coding_other_than_chunked_is_refused(
+    server: Server, client: httpx.AsyncClient, transport: HTTP1Transport, codings: bytes
+) -> None:
+    """The coded bytes are never taken for the content (httpx decodes Content-Encoding only)."""
+    coded = gzip.compress(b"hello")
+    server.handler = answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (codings, len(coded), coded)
+    )
+    with pytest.raises(httpx.RemoteProtocolError, match="only chunked"):
+        await client.get(server.url)
+    assert transport.bodies == 0
+    await server.wait_for(lambda: server.eofs == 1)
+
+
+async def test_a_chunked_http_1_0_response_is_read_and_its_connection_not_reused(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    server.handler = answering(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert (await client.get(server.url)).content == b"hello"
+    assert (await client.get(server.url)).text == "ok"
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize(
     "chunks",
     [
@@ -634,6 +673,7 @@ async def test_bytes_after_a_response_keep_its_connection_out_of_the_pool(
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3", id="two-lengths"
         ),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3", id="length-list"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2,", id="length-empty-item"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: -2", id="negative-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: two", id="word-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: %s" % (b"9" * 19), id="huge-length"),

@@ -459,17 +459,21 @@ def _response(
         fields.setdefault(name.lower(), []).append(value)
     tokens = set(_tokens(fields, b"connection"))
     keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
-    if closing:
-        keep_alive = False
-    codings = _tokens(fields, b"transfer-encoding")
+    if closing or (version == b"HTTP/1.0" and b"transfer-encoding" in fields):
+        keep_alive = False  # HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 6.1)
     remaining: int | None  # None: read until the connection ends
     chunked = False
     if request.method == "HEAD" or status in (204, 304):
         remaining = 0
-    elif codings:
-        chunked = codings[-1] == b"chunked"
+    elif b"transfer-encoding" in fields:
+        codings = [coding for coding in _tokens(fields, b"transfer-encoding") if coding]
+        if codings != [b"chunked"]:
+            raise httpx.RemoteProtocolError(
+                f"Transfer-Encoding {b', '.join(codings)[:100]!r} (only chunked is supported)",
+                request=request,
+            )
+        chunked = True
         remaining = None
-        keep_alive = keep_alive and chunked
     elif b"content-length" in fields:
         values = set(_tokens(fields, b"content-length"))
         text = values.pop() if len(values) == 1 else b""

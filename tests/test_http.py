@@ -598,6 +598,31 @@ async def test_informational_responses_are_skipped(
     assert server.connections == 1
 
 
+async def test_101_switching_protocols_comes_at_once_without_body_and_closes_its_connection(
+    server: Server, client: httpx.AsyncClient, transport: HTTP1Transport
+) -> None:
+    async def handler(conn: Conn) -> None:
+        if conn.number > 1:
+            await answering()(conn)
+            return
+        await conn.read_request()
+        await conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"\r\nthe other protocol"
+        )
+        await conn.wait_eof()
+
+    server.handler = handler
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket"}
+    with trio.fail_after(1):
+        response = await client.get(server.url, headers=upgrade)
+    assert (response.status_code, response.content) == (101, b"")
+    assert transport.bodies == 0
+    await server.wait_for(lambda: server.eofs == 1)
+    assert (await client.get(server.url)).text == "ok"
+    assert server.connections == 2
+
+
 # -- 8. malformed and truncated responses -----------------------------------------------------
 
 

@@ -407,7 +407,7 @@ async def _send_request(
 async def _receive_head(
     connection: _Connection,
 ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-    """The next final (not 1xx) response head on ``connection``."""
+    """The next final response head on ``connection``: 1xx ones are skipped, but for 101."""
     while True:
         head = await connection.receive_until(_HEAD_END, "response head", response_start=True)
         # Every CR ends a line (the last line's LF is part of the head's end).
@@ -453,7 +453,8 @@ def _response(
     headers: list[tuple[bytes, bytes]],
 ) -> httpx.Response:
     """The response, with a body stream framed as RFC 9112 section 6.3 says (the connection
-    is not kept if the request was ``closing`` it)."""
+    is not kept if the request was ``closing`` it). A 101 has no body, and its connection is
+    closed."""
     fields: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         fields.setdefault(name.lower(), []).append(value)
@@ -461,9 +462,11 @@ def _response(
     keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
     if closing or (version == b"HTTP/1.0" and b"transfer-encoding" in fields):
         keep_alive = False  # HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 6.1)
+    if status == 101:
+        keep_alive = False  # the connection now speaks another protocol
     remaining: int | None  # None: read until the connection ends
     chunked = False
-    if request.method == "HEAD" or status in (204, 304):
+    if request.method == "HEAD" or status in (101, 204, 304):
         remaining = 0
     elif b"transfer-encoding" in fields:
         codings = [coding for coding in _tokens(fields, b"transfer-encoding") if coding]

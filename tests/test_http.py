@@ -17,6 +17,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -1034,8 +1035,23 @@ async def test_an_unsupported_scheme_raises_unsupported_protocol(
 
 @dataclass(frozen=True)
 class TLS:
-    server: ssl.SSLContext  # serves a self-signed certificate for 127.0.0.1
-    client: ssl.SSLContext  # trusts it
+    """A self-signed certificate for 127.0.0.1, and new contexts that serve it or trust it."""
+
+    cert: Path
+    key: Path
+
+    def server(self, *alpn: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        return context
+
+    def client(self, *alpn: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.cert)
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        return context
 
 
 @pytest.fixture(scope="module")
@@ -1086,21 +1102,18 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TLS:
             serialization.NoEncryption(),
         )
     )
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(directory / "cert.pem", directory / "key.pem")
-    client = ssl.create_default_context(cafile=directory / "cert.pem")
-    return TLS(server, client)
+    return TLS(directory / "cert.pem", directory / "key.pem")
 
 
 @pytest.fixture
 async def tls_server(nursery: trio.Nursery, tls: TLS) -> Server:
-    server = Server(tls.server)
+    server = Server(tls.server())
     await server.start(nursery)
     return server
 
 
 async def test_https_get_over_a_trusted_certificate(tls_server: Server, tls: TLS) -> None:
-    transport = HTTP1Transport(ssl_context=tls.client)
+    transport = HTTP1Transport(ssl_context=tls.client())
     async with httpx.AsyncClient(transport=transport, headers=HEADERS) as client:
         for _ in range(2):
             response = await client.get(f"{tls_server.url}/tls")
@@ -1114,6 +1127,48 @@ async def test_https_refuses_an_untrusted_certificate(tls_server: Server) -> Non
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.get(tls_server.url)
     assert tls_server.requests == []
+
+
+async def selecting_alpn(
+    nursery: trio.Nursery, tls: TLS, *alpn: str
+) -> tuple[Server, list[str | None]]:
+    """A TLS server offering ``alpn``, and the protocols its connections chose, once they have
+    shaken hands."""
+    server = Server(tls.server(*alpn))
+    await server.start(nursery)
+    chosen: list[str | None] = []
+
+    async def handler(conn: Conn) -> None:
+        assert isinstance(conn.stream, trio.SSLStream)
+        await conn.stream.do_handshake()
+        chosen.append(conn.stream.selected_alpn_protocol())
+        await answering()(conn)
+
+    server.handler = handler
+    return server, chosen
+
+
+async def test_https_offers_http_1_1_only_whatever_the_context_offered(
+    nursery: trio.Nursery, tls: TLS
+) -> None:
+    server, chosen = await selecting_alpn(nursery, tls, "h2", "http/1.1")
+    context = tls.client("h2", "http/1.1")  # as an HTTP/2 client of httpx leaves it
+    async with httpx.AsyncClient(transport=HTTP1Transport(ssl_context=context)) as client:
+        assert (await client.get(server.url)).text == "ok"
+    assert chosen == ["http/1.1"]
+
+
+async def test_a_server_that_chooses_another_protocol_than_http_1_1_is_a_connect_error(
+    nursery: trio.Nursery, tls: TLS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = await selecting_alpn(nursery, tls, "h2")
+    context = tls.client("h2")
+    monkeypatch.setattr(context, "set_alpn_protocols", lambda protocols: None)  # offers h2 still
+    async with httpx.AsyncClient(transport=HTTP1Transport(ssl_context=context)) as client:
+        with pytest.raises(httpx.ConnectError, match="'h2'"):
+            await client.get(server.url)
+    await server.wait_for(lambda: server.finished == 1)
+    assert server.requests == []
 
 
 # -- 14. the read budget ----------------------------------------------------------------------

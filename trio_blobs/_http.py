@@ -170,11 +170,13 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
     Connections are opened as needed (bound concurrency yourself, as the transfers do) and at
     most ``max_idle_connections`` are kept open between requests. ``ssl_context``
     verifies HTTPS servers (default: ``httpx.create_ssl_context()``, which honours
-    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``). The request's ``timeout`` extension is honoured
-    (httpx sets it from the client's ``timeout``). An idempotent request (``GET``, ``PUT``...)
-    whose body is bytes is sent once more, on a new connection, when a kept-alive one turns out
-    to have been closed by the server before answering. No HTTP/2, and no proxies of its own:
-    httpx mounts its proxy transports as usual.
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``); the transport sets its ALPN protocols to
+    ``["http/1.1"]`` (a context you give is changed, as httpx's own transport changes it), and a
+    server that picks another protocol is an ``httpx.ConnectError``. The request's ``timeout``
+    extension is honoured (httpx sets it from the client's ``timeout``). An idempotent request
+    (``GET``, ``PUT``...) whose body is bytes is sent once more, on a new connection, when a
+    kept-alive one turns out to have been closed by the server before answering. No HTTP/2, and
+    no proxies of its own: httpx mounts its proxy transports as usual.
     """
 
     def __init__(
@@ -282,6 +284,13 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                     tcp, self._tls(), server_hostname=server_hostname, https_compatible=True
                 )
                 await tls.do_handshake()
+                protocol = tls.selected_alpn_protocol()
+                if protocol not in (None, "http/1.1"):
+                    raise httpx.ConnectError(
+                        f"the server chose {protocol!r} (ALPN), not http/1.1, the only protocol "
+                        "HTTP1Transport speaks",
+                        request=request,
+                    )
                 return _Connection(origin, tls, tcp.socket)
         except BaseException as exc:
             if tcp is not None:
@@ -293,7 +302,8 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:
             self._ssl_context = httpx.create_ssl_context()
-            self._ssl_context.set_alpn_protocols(["http/1.1"])
+        # For each connection: a context shared with an HTTP/2 client may offer h2 again.
+        self._ssl_context.set_alpn_protocols(["http/1.1"])
         return self._ssl_context
 
 

@@ -1210,16 +1210,20 @@ async def test_read_size_shrinks_while_many_bodies_are_open(
 # -- 15. closing the transport ----------------------------------------------------------------
 
 
-async def test_aclose_closes_idle_connections(server: Server) -> None:
+async def test_aclose_closes_idle_connections_and_later_clients_get_new_ones(
+    server: Server,
+) -> None:
     transport = HTTP1Transport()
     async with httpx.AsyncClient(transport=transport) as client:
         assert (await client.get(server.url)).text == "ok"
         await trio.sleep(0.05)
         assert server.eofs == 0
     await server.wait_for(lambda: server.eofs == 1)
-    with pytest.raises(RuntimeError, match="closed"):
-        await transport.handle_async_request(httpx.Request("GET", server.url))
-    assert server.connections == 1
+    async with httpx.AsyncClient(transport=transport) as client:  # the same transport
+        for _ in range(2):
+            assert (await client.get(server.url)).text == "ok"
+    await server.wait_for(lambda: server.eofs == 2)
+    assert [r.connection for r in server.requests] == [1, 2, 2]
 
 
 async def test_a_response_open_at_aclose_closes_its_connection_when_read(
@@ -1229,6 +1233,9 @@ async def test_a_response_open_at_aclose_closes_its_connection_when_read(
         await transport.aclose()
         assert await response.aread() == b"ok"
     await server.wait_for(lambda: server.eofs == 1)
+    for _ in range(2):
+        assert (await client.get(server.url)).text == "ok"
+    assert [r.connection for r in server.requests] == [1, 2, 2]
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "4", True, None])

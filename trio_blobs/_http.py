@@ -54,6 +54,7 @@ class _Connection:
 
     __slots__ = (
         "buffer",
+        "generation",
         "origin",
         "plain",
         "read_timeout",
@@ -64,7 +65,13 @@ class _Connection:
         "write_timeout",
     )
 
-    def __init__(self, origin: Origin, stream: trio.abc.Stream, socket: trio.socket.SocketType):
+    def __init__(
+        self,
+        origin: Origin,
+        stream: trio.abc.Stream,
+        socket: trio.socket.SocketType,
+        generation: int,
+    ) -> None:
         self.origin = origin
         self.stream = stream
         self.socket = socket
@@ -76,6 +83,7 @@ class _Connection:
         self.read_timeout: float | None = None
         self.write_timeout: float | None = None
         self.reusable = True  # False once a request could not be sent whole
+        self.generation = generation  # the transport's when it was opened: see aclose
 
     def close(self) -> None:
         """Drop the connection at once (a TLS stream is not told: framing makes that safe)."""
@@ -176,7 +184,9 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
     extension is honoured (httpx sets it from the client's ``timeout``). An idempotent request
     (``GET``, ``PUT``...) whose body is bytes is sent once more, on a new connection, when a
     kept-alive one turns out to have been closed by the server before answering. No HTTP/2, and
-    no proxies of its own: httpx mounts its proxy transports as usual.
+    no proxies of its own: httpx mounts its proxy transports as usual. One transport may serve
+    one client after another: :meth:`aclose`, which a client's ``async with`` calls at its end,
+    closes the idle connections, and later requests open new ones.
     """
 
     def __init__(
@@ -187,7 +197,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         self._max_idle = max_idle_connections
         self._idle: dict[Origin, list[_Connection]] = {}
         self._idle_count = 0
-        self._closed = False
+        self._generation = 0  # how many times aclose was called
         self.bodies = 0  # response bodies not read to their end nor closed yet
 
     def read_size(self) -> int:
@@ -197,8 +207,6 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and return its response, the body still to be read."""
-        if self._closed:
-            raise RuntimeError("the transport is closed")
         url = request.url
         if url.raw_scheme not in DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(
@@ -236,8 +244,9 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                 raise
 
     async def aclose(self) -> None:
-        """Close the idle connections; connections in use close when their response ends."""
-        self._closed = True
+        """Close the idle connections; connections in use close when their response ends (they
+        are not kept). The transport stays usable: later requests open new connections."""
+        self._generation += 1
         for stack in self._idle.values():
             for connection in stack:
                 connection.close()
@@ -256,9 +265,9 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
 
     def release(self, connection: _Connection) -> None:
         """Keep ``connection`` for a later request to its origin (or close it, when enough are
-        kept or the transport is closed)."""
+        kept or it was opened before the last :meth:`aclose`)."""
         if (
-            self._closed
+            connection.generation != self._generation
             or self._idle_count >= self._max_idle
             or connection.buffer
             or not connection.reusable
@@ -273,12 +282,13 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         self, request: httpx.Request, origin: Origin, seconds: float | None
     ) -> _Connection:
         scheme, host, port = origin
+        generation = self._generation
         tcp: trio.SocketStream | None = None
         try:
             with _deadline(seconds, request):
                 tcp = await trio.open_tcp_stream(host.decode("ascii"), port)
                 if scheme == b"http":
-                    return _Connection(origin, tcp, tcp.socket)
+                    return _Connection(origin, tcp, tcp.socket, generation)
                 server_hostname = request.extensions.get("sni_hostname", host.decode("ascii"))
                 tls = trio.SSLStream(
                     tcp, self._tls(), server_hostname=server_hostname, https_compatible=True
@@ -291,7 +301,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                         "HTTP1Transport speaks",
                         request=request,
                     )
-                return _Connection(origin, tls, tcp.socket)
+                return _Connection(origin, tls, tcp.socket, generation)
         except BaseException as exc:
             if tcp is not None:
                 tcp.socket.close()

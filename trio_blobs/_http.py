@@ -6,7 +6,8 @@ of the connections in use, and it reads sockets 64 KiB at a time. :class:`HTTP1T
 narrowest seam that removes both while keeping httpx's API: redirects, auth, cookies, content
 decoding and proxies (httpx's mounts) stay httpx's business. It keeps idle connections on a stack
 per origin, so that taking and returning one costs the same with 1 or 500 connections, reads up
-to 1 MiB at a time, and frames messages as RFC 9112 says.
+to 1 MiB at a time (over TLS, a read returns one TLS record: 16 KiB at most), and frames messages
+as RFC 9112 says.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ._protocol import check_int
 
 __all__ = ["HTTP1Transport"]
 
-READ_SIZE = 1024 * 1024  # most bytes of a body asked of the socket at once
+READ_SIZE = 1024 * 1024  # most bytes of a body asked of the socket at once (TLS: one record)
 MIN_READ_SIZE = 64 * 1024  # ... however many bodies are being read
 # Bytes all bodies being read may ask for at once. A body's reader still holds its last piece
 # while the next arrives (httpx's iterators keep it until they move on), so the pieces alive

@@ -528,6 +528,7 @@ async def test_a_chunked_http_1_0_response_is_read_and_its_connection_not_reused
         pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", id="0x"),
         pytest.param(b"\r\nhello\r\n0\r\n\r\n", id="empty"),
         pytest.param(b"3\r\nhello\r\n0\r\n\r\n", id="longer-than-size"),
+        pytest.param(b"1" + b"0" * 15 + b"\r\nhello\r\n0\r\n\r\n", id="an-exabyte"),
     ],
 )
 async def test_a_bad_chunk_raises_and_closes_the_connection(

@@ -41,7 +41,7 @@ _FORBIDDEN = re.compile(rb"[\r\n\0]")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: (.*))?")
 _LENGTH = re.compile(rb"[0-9]{1,18}")  # a Content-Length: under an exabyte
-_HEX = re.compile(rb"[0-9A-Fa-f]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")  # a chunk size: under an exabyte, as Content-Length
 
 Origin = tuple[bytes, bytes, int]
 

@@ -660,6 +660,15 @@ async def test_fetch_manifest_asks_for_every_manifest_type_and_resolves_an_index
     }
 
 
+async def test_fetch_manifest_lets_other_errors_through_as_they_are() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug in a transport")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(broken)) as client:
+        with pytest.raises(RuntimeError, match="a bug in a transport"):
+            await fetch_manifest(base_url=BASE_URL, repository="org/app", client=client)
+
+
 async def test_fetch_manifest_waits_for_a_token_without_counting_it_a_stall(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

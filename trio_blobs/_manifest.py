@@ -23,7 +23,7 @@ from ._monitor import Monitor, RateHistory, Watch
 from ._protocol import MAX_PORT, TAG_RE
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import GetToken, RegistrySession
-from ._transfer import check_stall_and_retry, open_session, session_options
+from ._transfer import check_stall_and_retry, open_session, session_options, unwrap_group
 
 __all__ = [
     "Descriptor",
@@ -421,29 +421,25 @@ async def _fetch(
     digest = reference if _is_digest(reference) else None
     budget = AttemptBudget(policy)
     monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
-    failure: TransferError | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(monitor.run)
-        while True:
-            try:
-                with monitor.watch() as watch:
-                    manifest = await _fetch_once(session, url, digest, size, watch)
-                    break
-                # Only the monitor cancels the watch: this attempt stalled.
-                raise watch.error(stall_timeout=stall_timeout, digest=digest) or StallError(
-                    "no manifest", digest=digest, url=str(url)
-                )
-            except TransferError as exc:
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(monitor.run)
+            while True:
                 try:
+                    with monitor.watch() as watch:
+                        manifest = await _fetch_once(session, url, digest, size, watch)
+                        break
+                    # Only the monitor cancels the watch: this attempt stalled.
+                    raise watch.error(stall_timeout=stall_timeout, digest=digest) or StallError(
+                        "no manifest", digest=digest, url=str(url)
+                    )
+                except TransferError as exc:
                     delay = budget.after_failure(exc)
-                except TransferError as final:  # raised outside the nursery, not in a group
-                    failure = final
-                    break
-                session.logger.info("manifest fetch failed, retrying in %.2f s: %s", delay, exc)
-                await trio.sleep(delay)
-        nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+                    session.logger.info("manifest fetch failed, retrying in %.2f s: %s", delay, exc)
+                    await trio.sleep(delay)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # raised as it would be without the monitor's nursery
+        raise unwrap_group(group) from None
     return manifest
 
 

@@ -323,7 +323,7 @@ class Transfer:
                         nursery.start_soon(guarded, blob, nursery.cancel_scope)
                 outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            raise unwrap_group(group) from None
         if errors:
             raise errors[0]
 
@@ -379,7 +379,7 @@ class Transfer:
                 await trio.sleep(delay)
 
 
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """What the caller should see of ``group``: a KeyboardInterrupt if there is one, else its
     one exception that is not a cancellation (or the first of several alike: same type and
     message), else one ``Cancelled`` if that is all there is; several different failures stay

@@ -52,6 +52,10 @@ class TransferError(Exception):
         suffix = f" ({self.url})" if self.url else ""
         return f"{prefix}{self.message}{suffix}"
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # For copy and pickle, whatever the subclass's __init__ asks for: the same attributes.
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
 
 class RegistryError(TransferError):
     """The registry, or the storage it redirected to, answered with an error status.
@@ -123,3 +127,7 @@ class RetriesExhaustedError(TransferError):
         )
         self.last_error = last_error
         self.attempts = attempts
+
+
+def _rebuilt(kind: type[TransferError], args: tuple[object, ...]) -> TransferError:
+    return kind.__new__(kind, *args)

@@ -6,6 +6,7 @@ This is the one place where httpx errors become :class:`TransferError` and where
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import urllib.request
@@ -116,7 +117,7 @@ class Credentials:
         async with self._lock:
             refused = self.generation == rejected_generation
             if refused and self._fetched != fetched and self._failure is not None:
-                raise self._failure
+                raise copy.copy(self._failure)  # each request's own, to name its blob in
             challenge = challenge.with_scopes(self.scope)
             if not refused and challenge.scope == self.scope:
                 return
@@ -137,13 +138,14 @@ class Credentials:
         try:
             return await get_token(challenge)
         except TransferError as exc:
-            self._failure = exc
+            self._failure = copy.copy(exc)  # as it was, before this request names its blob
             raise
         except Exception as exc:
-            self._failure = AuthenticationError(
+            error = AuthenticationError(
                 f"get_token failed for {challenge.realm or 'the registry'}: {exc!r}", status=401
             )
-            raise self._failure from exc
+            self._failure = copy.copy(error)
+            raise error from exc
 
 
 class TransferClient(httpx.AsyncClient):

@@ -32,6 +32,7 @@ from trio_blobs import (
     StallError,
     download,
 )
+from trio_blobs._session import RegistrySession
 from trio_blobs._transfer import local_file_errors
 from trio_blobs.testing import Fault, Registry
 
@@ -87,6 +88,13 @@ async def test_concurrency_stays_within_the_files_the_process_may_open(
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda _: (64 + 3 * 5, resource.RLIM_INFINITY))
     caplog.set_level(logging.INFO, "trio_blobs")
+    closed_idle = 0
+
+    def close_idle(session: RegistrySession) -> None:
+        nonlocal closed_idle
+        closed_idle += 1
+
+    monkeypatch.setattr(RegistrySession, "close_idle", close_idle)
     blobs = add_blobs(registry, *range(1000, 1040))
     registry.add_fault(Fault(delay=1.0, times=None))
     transport = CountingTransport(registry.transport())
@@ -99,6 +107,9 @@ async def test_concurrency_stays_within_the_files_the_process_may_open(
             nursery.start_soon(fetch)
     assert transport.peak == 5
     assert "concurrency 20 would need about 60 open files" in caplog.text
+    # While transfers wait for places, those that end keep no connections idle (the last few,
+    # with none waiting, keep theirs).
+    assert len(blobs) - 2 * 5 <= closed_idle < len(blobs)
     assert_exactly(tmp_path, registry, blobs)
 
 

@@ -1239,6 +1239,18 @@ async def test_a_response_open_at_aclose_closes_its_connection_when_read(
     assert [r.connection for r in server.requests] == [1, 2, 2]
 
 
+async def test_close_idle_closes_the_kept_connections_only(
+    server: Server, client: httpx.AsyncClient, transport: HTTP1Transport
+) -> None:
+    async with client.stream("GET", server.url) as in_use:
+        assert (await client.get(server.url)).text == "ok"  # on a second connection, kept
+        transport.close_idle()  # that one: not the one in use
+        await server.wait_for(lambda: server.eofs == 1)
+        assert await in_use.aread() == b"ok"
+    assert (await client.get(server.url)).text == "ok"  # on the first, kept after
+    assert [r.connection for r in server.requests] == [1, 2, 1]
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, "4", True, None])
 async def test_max_idle_connections_must_be_a_non_negative_int(value: object) -> None:
     with pytest.raises(ValueError, match="max_idle_connections"):

@@ -248,6 +248,10 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         """Close the idle connections; connections in use close when their response ends (they
         are not kept). The transport stays usable: later requests open new connections."""
         self._generation += 1
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close the connections kept for later requests (to free their descriptors, say)."""
         for stack in self._idle.values():
             for connection in stack:
                 connection.close()

@@ -229,6 +229,11 @@ class RegistrySession:
             mount_from=self._mount_from,
         )
 
+    def close_idle(self) -> None:
+        """Close the idle connections of the client this session made, if it made one."""
+        if self._direct is not None:
+            self._direct.close_idle()
+
     def url(self, path: str) -> httpx.URL:
         """The URL of ``path`` (e.g. ``blobs/<digest>``) below this repository's API root."""
         return httpx.URL(self._api + path)  # parsing one string costs half of a join

@@ -356,6 +356,9 @@ class Transfer:
                             await attempt(watch)
                     finally:
                         self._files.release()
+                        if self._files.statistics().tasks_waiting:
+                            # Out of files for now: keep none idle, here as in the other calls.
+                            self.session.close_idle()
                 error = watch.error(stall_timeout=self.monitor.stall_timeout, digest=blob.digest)
                 if error is None:
                     self.monitor.history.add(

@@ -250,6 +250,38 @@ async def test_credentials_go_only_to_trusted_realms(
     assert all(r.headers.get("authorization") in (None, BASIC) for r in service.requests)
 
 
+async def test_a_mirrors_challenge_is_not_trusted_on_first_use(tmp_path: Path) -> None:
+    """With ``mirror_credentials=True`` a mirror may challenge first: its realm must not become
+    the trusted one, or the registry's own realm elsewhere would get no credentials."""
+    service = TokenService()
+    auth = RegistryAuth("https://registry.test", "alice", "s3cret", client=service.client())
+    challenges = [
+        ("https://auth.mirror.test/token", "https://mirror.test"),
+        ("https://auth.registry-tokens.test/token", "https://registry.test"),
+        ("https://auth.mirror.test/token", "https://mirror.test"),
+    ]
+    for n, (realm, challenger) in enumerate(challenges):  # each its own scope: none cached
+        await auth(dataclasses.replace(bearer(realm, f"repository:r{n}:pull"), origin=challenger))
+    sent = [r.headers.get("authorization") == BASIC for r in service.requests]
+    assert sent == [False, True, False]
+
+
+async def test_transfers_say_who_challenged(tmp_path: Path) -> None:
+    registry = Registry(token="t")
+    origins: list[str | None] = []
+
+    async def get_token(challenge: AuthChallenge) -> str:
+        origins.append(challenge.origin)
+        return "t"
+
+    async with httpx.AsyncClient(transport=registry.transport()) as client:
+        blobs = add_blobs(registry, 10)
+        await download(
+            blobs, base_url=BASE_URL, dest_dir=tmp_path, client=client, get_token=get_token
+        )
+    assert origins == ["http://registry.test"]
+
+
 async def test_basic_challenges_get_the_credentials() -> None:
     auth = RegistryAuth("https://registry.test", "alice", "s3cret")
     assert "Basic " + await auth(AuthChallenge(scheme="basic", realm="registry")) == BASIC

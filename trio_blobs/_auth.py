@@ -43,6 +43,9 @@ class AuthChallenge:
     """Why credentials sent were refused (RFC 6750: ``"invalid_token"``,
     ``"insufficient_scope"``); None for a first challenge. A ``get_token`` should not hand back
     a cached token for a challenge with an ``error``."""
+    origin: str | None = None
+    """Who challenged, as ``scheme://host[:port]``: the registry or a mirror. Not in the header:
+    set by the transfers (None from :func:`parse_auth_challenge`)."""
 
     def with_scopes(self, *scopes: str | None) -> AuthChallenge:
         """This challenge asking for ``scopes`` besides its own, merged per resource:

@@ -30,8 +30,9 @@ class RegistryAuth:
 
     Credentials only ever go to a realm the caller trusts: one on ``base_url``'s own host (over
     https, or over http when the registry itself is http), on an origin listed in
-    ``trusted_realms``, or the https realm that the first challenge named (trust on first use: a
-    realm that later moves elsewhere gets anonymous requests). ``client`` is used for token
+    ``trusted_realms``, or the https realm that the registry's first challenge named (trust on
+    first use, not from a mirror's challenge: a realm that later moves elsewhere gets anonymous
+    requests). ``client`` is used for token
     requests (redirects are not followed), with its timeouts but 30 s where it has none (such as
     the ``timeout=None`` that suits transfers); without one, a short-lived client with a 30 s
     timeout.
@@ -88,14 +89,17 @@ class RegistryAuth:
             and trio.current_time() < cached[1]
         ):
             return cached[0]
-        token, lifetime = await self._fetch(challenge.realm, challenge.service, challenge.scope)
+        token, lifetime = await self._fetch(challenge)
         # Refresh a little before the token runs out: a tenth of its life, at most 30 s.
         self._tokens[key] = (token, trio.current_time() + lifetime - min(lifetime / 10, 30.0), run)
         return token
 
-    def _may_send_credentials(self, realm: httpx.URL) -> bool:
+    def _may_send_credentials(self, realm: httpx.URL, challenger: str | None) -> bool:
         realm_origin = origin(realm)
-        if realm.scheme == "https" and self._first_realm is None:
+        from_registry = challenger is None or origin(httpx.URL(challenger)) == origin(
+            self._registry
+        )
+        if realm.scheme == "https" and self._first_realm is None and from_registry:
             self._first_realm = realm_origin
         return (
             (realm.host == self._registry.host and realm.scheme in ("https", self._registry.scheme))
@@ -103,8 +107,9 @@ class RegistryAuth:
             or realm_origin == self._first_realm
         )
 
-    async def _fetch(self, realm: str, service: str | None, scope: str | None) -> tuple[str, float]:
+    async def _fetch(self, challenge: AuthChallenge) -> tuple[str, float]:
         """Ask the token service; returns the token and its lifetime in seconds."""
+        realm, service, scope = challenge.realm or "", challenge.service, challenge.scope
         url = http_url(realm)
         if url is None:
             raise AuthenticationError(f"unusable token realm {realm!r}", status=401)
@@ -112,7 +117,7 @@ class RegistryAuth:
         wanted = {"service": [service] if service else [], "scope": (scope or "").split()}
         url = url.copy_merge_params({name: values for name, values in wanted.items() if values})
         headers = {}
-        if self._basic is not None and self._may_send_credentials(url):
+        if self._basic is not None and self._may_send_credentials(url, challenge.origin):
             headers["authorization"] = f"Basic {self._basic}"
         try:
             if self._client is not None:

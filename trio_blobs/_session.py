@@ -199,6 +199,7 @@ class RegistrySession:
         self._direct = self._own.direct if self._own is not None else None
         self.base_url = base_url
         self._origin = origin(base_url)  # where credentials may go
+        self._challenger = f"{base_url.scheme}://{base_url.netloc.decode('ascii')}"
         self.repository = repository
         self.credentials = credentials
         self.logger = logger
@@ -326,7 +327,10 @@ class RegistrySession:
             status = response.status_code
             if status == 401 and send_auth and not done_refreshing and get_token is not None:
                 await _discard(response)
-                challenge = parse_auth_challenge(response.headers.get("www-authenticate", ""))
+                challenge = dataclasses.replace(
+                    parse_auth_challenge(response.headers.get("www-authenticate", "")),
+                    origin=self._challenger,
+                )
                 self.logger.info("fetching a token for %s (%s challenge)", url, challenge.scheme)
                 with watch.paused() if watch is not None else nullcontext():
                     await self.credentials.refresh(

@@ -326,6 +326,36 @@ def test_a_pull_into_an_oci_layout_tolerates_another_moving_its_blobs_first(
     assert not staging.exists()
 
 
+@pytest.mark.parametrize(
+    ("layout", "link"),
+    [
+        ("oci", ".trio-blobs-incoming"),  # its files would be moved into DIR/blobs
+        ("oci", "blobs/sha256"),
+        ("ollama", "blobs"),
+        ("ollama", "manifests"),
+    ],
+)
+async def test_a_pull_writes_nothing_through_a_symbolic_link_in_dir(
+    served: Served, tmp_path: Path, layout: str, link: str
+) -> None:
+    image = make_image(10, 20)
+    store(served.registry, image, "org/app", "v1")
+    outside, store_dir = tmp_path / "outside", tmp_path / "dir"
+    outside.mkdir()
+    kept = outside / make_image(30).blobs[0].file_name  # named as a blob is
+    kept.write_bytes(b"someone else's")
+    if layout == "oci":
+        (store_dir / "oci-layout").parent.mkdir()
+        (store_dir / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (store_dir / link).parent.mkdir(parents=True, exist_ok=True)
+    (store_dir / link).symlink_to(outside)
+    done = await cli("pull", f"{served.url}/org/app:v1", store_dir, "--layout", layout)
+    assert done.returncode == 1
+    assert f"{store_dir / link} is a symbolic link" in done.stderr
+    assert sorted(outside.iterdir()) == [kept]
+    assert kept.read_bytes() == b"someone else's"
+
+
 async def test_blobs_a_killed_pull_left_finished_in_the_staging_are_not_counted_as_pulled(
     served: Served, tmp_path: Path
 ) -> None:

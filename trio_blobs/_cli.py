@@ -853,6 +853,25 @@ class _Layout(abc.ABC):
     def load(self, name: str) -> Manifest:
         """The manifest of the image ``name``."""
 
+    def _directory(self, directory: Path) -> Path:
+        """``directory``, below the root, with no symbolic link on the way there: nothing is
+        written outside DIR (nor moved out of another directory)."""
+        current = self.root
+        for part in directory.relative_to(self.root).parts:
+            current /= part
+            if current.is_symlink():
+                raise _Failure(
+                    f"{current} is a symbolic link",
+                    "trio-blobs writes nothing outside DIR, and this link leads out of it.",
+                    "replace the link with a directory, or give the directory it points to as DIR.",
+                )
+        return directory
+
+    def _inside(self, path: Path) -> Path:
+        """``path``, below the root, once its directory is there (see :meth:`_directory`)."""
+        self._directory(path.parent).mkdir(parents=True, exist_ok=True)
+        return path
+
     def _parse(self, data: bytes, media_type: str | None, name: str) -> Manifest:
         try:
             return Manifest.parse(data, media_type=media_type)
@@ -875,7 +894,7 @@ class _OllamaLayout(_Layout):
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[Path]:
-        yield self.root / "blobs"
+        yield self._directory(self.root / "blobs")
 
     @contextlib.contextmanager
     def sending(self, blobs: Sequence[Blob]) -> Iterator[Path]:
@@ -883,7 +902,8 @@ class _OllamaLayout(_Layout):
 
     def store(self, ref: Reference, manifest: Manifest) -> Manifest:
         name = ref.tag or digest_to_path(manifest.digest)
-        _write_atomic(self.root / "manifests" / ref.registry / ref.repository / name, manifest.data)
+        path = self.root / "manifests" / ref.registry / ref.repository / name
+        _write_atomic(self._inside(path), manifest.data)
         return manifest
 
     def images(self) -> list[str]:
@@ -916,15 +936,16 @@ class _OciLayout(_Layout):
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[Path]:
-        staging = self.root / INCOMING
+        staging = self._directory(self.root / INCOMING)
         try:
             yield staging
         finally:
-            if staging.is_dir():
+            if staging.is_dir() and not staging.is_symlink():
                 for path in staging.iterdir():
+                    if path.is_symlink() or not path.is_file():
+                        continue  # not a blob a download put there
                     with contextlib.suppress(ValueError):  # not a finished blob: leave it
-                        target = self.blob_path(path_to_digest(path.name))
-                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target = self._inside(self.blob_path(path_to_digest(path.name)))
                         with contextlib.suppress(FileNotFoundError):  # another pull moved it
                             os.replace(path, target)
                 with contextlib.suppress(OSError):
@@ -942,7 +963,7 @@ class _OciLayout(_Layout):
         """As :meth:`_Layout.store`; a tag names one image (another with the tag is replaced,
         with a warning, as skopeo does) and a digest is listed once."""
         manifest = manifest.as_oci()  # other tools only read OCI manifests from a layout
-        _write_atomic(self.blob_path(manifest.digest), manifest.data)
+        _write_atomic(self._inside(self.blob_path(manifest.digest)), manifest.data)
         if not (self.root / "oci-layout").exists():
             _write_atomic(self.root / "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
         entries = self._entries()
@@ -1550,7 +1571,7 @@ def _write_blob(layout: _Layout, pieces: Iterable[bytes]) -> Blob:
     """Store the blob made of ``pieces`` in ``layout``, hashed as it is written; it gets its
     name once whole."""
     hasher = hashlib.sha256()
-    name = _write_hidden(layout.blob_path(_ANY_SHA256), pieces, hasher)
+    name = _write_hidden(layout._inside(layout.blob_path(_ANY_SHA256)), pieces, hasher)
     blob = Blob(f"sha256:{hasher.hexdigest()}", name.stat().st_size)
     _rename(name, layout.blob_path(blob.digest))
     return blob

@@ -326,6 +326,26 @@ def test_a_pull_into_an_oci_layout_tolerates_another_moving_its_blobs_first(
     assert not staging.exists()
 
 
+@pytest.mark.parametrize("annotations", [["a"], "tag"])
+async def test_a_damaged_index_json_is_explained(
+    served: Served, tmp_path: Path, annotations: object
+) -> None:
+    image = make_image(10)
+    store(served.registry, image, "org/app", "v1")
+    (tmp_path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    entry = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": 1}
+    entry["annotations"] = annotations
+    (tmp_path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    for args in (
+        ("push", tmp_path, f"{served.url}/org/copy:v1"),
+        ("pull", f"{served.url}/org/app:v1", tmp_path),
+    ):
+        done = await cli(*args)
+        assert done.returncode == 1
+        assert "is not an OCI image index" in done.stderr
+        assert "unexpected error" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("layout", "link"),
     [
@@ -788,6 +808,26 @@ async def test_fetch_manifest_checks_the_size_an_index_names(
             client=client,
         )
     assert caught.value.digest == image.digest
+
+
+async def test_fetch_manifest_refuses_an_index_entry_too_big_for_a_manifest(
+    registry: Registry, client: httpx.AsyncClient
+) -> None:
+    image = make_image(10)
+    store(registry, image, "org/app", "image")
+    entry = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": 10**15}
+    entry["platform"] = {"os": "linux", "architecture": "amd64"}
+    index = json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()
+    registry.manifests["org/app"]["v1"] = (index, OCI_INDEX)
+    with pytest.raises(ProtocolError, match="a manifest of 1000000000000000 bytes"):
+        await fetch_manifest(
+            base_url=BASE_URL,
+            repository="org/app",
+            reference="v1",
+            platform=Platform("linux", "amd64"),
+            client=client,
+        )
+    assert len(registry.requests) == 1  # the index only: the entry is never asked for
 
 
 # -- references ----------------------------------------------------------------------------------

@@ -1015,6 +1015,8 @@ class _OciLayout(_Layout):
             entries = json.loads(path.read_bytes())["manifests"]
             for entry in entries:
                 Blob(entry["digest"], entry["size"])
+                if not isinstance(entry.get("annotations") or {}, dict):
+                    raise TypeError(f"annotations of {entry['digest']} are not an object")
         except (ValueError, KeyError, TypeError) as exc:
             raise _Failure(
                 f"{path} is not an OCI image index: {exc!r}",

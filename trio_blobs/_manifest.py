@@ -446,6 +446,13 @@ async def _fetch(
 async def _fetch_once(
     session: RegistrySession, url: httpx.URL, digest: str | None, size: int | None, watch: Watch
 ) -> Manifest:
+    if size is not None and size > MAX_MANIFEST_SIZE:
+        raise ProtocolError(
+            f"the index lists a manifest of {size} bytes, more than the {MAX_MANIFEST_SIZE} a "
+            "manifest may have",
+            digest=digest,
+            url=str(url),
+        )
     limit = MAX_MANIFEST_SIZE if size is None else size
     async with session.stream(
         "GET",

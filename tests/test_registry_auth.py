@@ -327,3 +327,37 @@ async def test_a_token_service_that_never_answers_times_out(
             with trio.fail_after(10), pytest.raises(ConnectionFailedError, match="ReadTimeout"):
                 await auth(bearer(f"http://127.0.0.1:{port}/token"))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_token_answer_that_never_ends_is_cut_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte every 0.1 s keeps every read within its timeout: the whole request has a limit."""
+    monkeypatch.setattr(trio_blobs._auth_provider, "TOKEN_DEADLINE", 0.5)
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+        while True:
+            await stream.send_all(b" ")
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, trickle, [listener])
+        async with httpx.AsyncClient(timeout=None) as client:
+            auth = RegistryAuth("http://127.0.0.1", client=client)
+            with (
+                trio.fail_after(10),
+                pytest.raises(ConnectionFailedError, match=r"took over 0\.5 s"),
+            ):
+                await auth(bearer(f"http://127.0.0.1:{port}/token"))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_token_answer_too_big_for_a_token_is_refused() -> None:
+    service = TokenService({"token": "x" * (2 * 1024 * 1024)})
+    auth = RegistryAuth("https://registry.test", client=service.client())
+    with pytest.raises(AuthenticationError, match="answer is over 1048576 bytes"):
+        await auth(bearer("https://registry.test/token"))

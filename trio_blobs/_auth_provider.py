@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Iterable
 
@@ -16,7 +17,9 @@ from ._protocol import check_base_url, http_url, origin, parse_error_body
 __all__ = ["RegistryAuth"]
 
 DEFAULT_EXPIRES_IN = 60  # seconds, when the token service does not say
-TOKEN_TIMEOUT = 30.0  # seconds a token request may take where no client timeout says otherwise
+TOKEN_TIMEOUT = 30.0  # seconds a token request may wait where no client timeout says otherwise
+TOKEN_DEADLINE = 60.0  # seconds a token request may take in all, however its answer trickles
+MAX_TOKEN_ANSWER = 1024 * 1024  # bytes of a token service's answer: a token is a few KB
 
 
 class RegistryAuth:
@@ -120,19 +123,30 @@ class RegistryAuth:
         if self._basic is not None and self._may_send_credentials(url, challenge.origin):
             headers["authorization"] = f"Basic {self._basic}"
         try:
-            if self._client is not None:
-                response = await self._client.get(
-                    url,
-                    headers=headers,
-                    follow_redirects=False,
-                    timeout=_bounded(self._client.timeout),
-                )
-            else:
-                async with httpx.AsyncClient(timeout=TOKEN_TIMEOUT) as client:
-                    response = await client.get(url, headers=headers)
+            with trio.fail_after(TOKEN_DEADLINE):
+                async with contextlib.AsyncExitStack() as stack:
+                    client = self._client
+                    if client is None:  # one of ours, for this request
+                        client = await stack.enter_async_context(
+                            httpx.AsyncClient(timeout=TOKEN_TIMEOUT)
+                        )
+                    response = await stack.enter_async_context(
+                        client.stream(
+                            "GET",
+                            url,
+                            headers=headers,
+                            follow_redirects=False,
+                            timeout=_bounded(client.timeout),
+                        )
+                    )
+                    answer = await _read_answer(response, realm)
         except httpx.TransportError as exc:
             raise ConnectionFailedError(f"token request failed: {exc!r}", url=realm) from exc
-        return _read_token(response, realm)
+        except trio.TooSlowError as exc:
+            raise ConnectionFailedError(
+                f"token request took over {TOKEN_DEADLINE:g} s", url=realm
+            ) from exc
+        return _read_token(response, answer, realm)
 
 
 def _origin_of_realm(realm: object) -> tuple[str, str, int | None]:
@@ -155,12 +169,25 @@ def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
     )
 
 
-def _read_token(response: httpx.Response, realm: str) -> tuple[str, float]:
+async def _read_answer(response: httpx.Response, realm: str) -> bytes:
+    """The token service's answer, refused past :data:`MAX_TOKEN_ANSWER` bytes."""
+    pieces, size = [], 0
+    async for piece in response.aiter_bytes():
+        size += len(piece)
+        if size > MAX_TOKEN_ANSWER:
+            raise AuthenticationError(
+                f"the token service's answer is over {MAX_TOKEN_ANSWER} bytes",
+                status=response.status_code,
+                url=realm,
+            )
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _read_token(response: httpx.Response, answer: bytes, realm: str) -> tuple[str, float]:
     """``(token, lifetime)`` from a token service's answer, or :class:`AuthenticationError`."""
     if response.status_code != 200:
-        code, message, _ = parse_error_body(
-            response.headers.get("content-type", ""), response.content
-        )
+        code, message, _ = parse_error_body(response.headers.get("content-type", ""), answer)
         detail = ": ".join(part for part in (code, message) if part)
         raise AuthenticationError(
             f"the token service refused the request ({response.status_code})"
@@ -171,9 +198,9 @@ def _read_token(response: httpx.Response, realm: str) -> tuple[str, float]:
             url=realm,
         )
     try:
-        answer = json.loads(response.content)
-        token = answer.get("token") or answer.get("access_token")
-        expires_in = answer.get("expires_in", DEFAULT_EXPIRES_IN)
+        document = json.loads(answer)
+        token = document.get("token") or document.get("access_token")
+        expires_in = document.get("expires_in", DEFAULT_EXPIRES_IN)
     except (ValueError, AttributeError):
         token, expires_in = None, None
     if not isinstance(token, str) or not token:

@@ -801,6 +801,24 @@ async def test_push_asks_for_a_pull_and_push_token(tmp_path: Path) -> None:
 # -- 9. the manifest, after every blob ---------------------------------------------------
 
 
+async def test_a_long_answer_to_an_upload_request_is_not_waited_for(
+    registry: Registry,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Nothing of an upload's answers is used but their heads: a body (a registry's, or an
+    attacker's) of any length is read up to 64 KiB, not to its end."""
+    [blob] = write_blobs(tmp_path, 10)
+    registry.add_fault(
+        Fault(method="POST", path="/blobs/uploads/", extra=b"x" * 2**24, stall_after=2**17)
+    )
+    start = trio.current_time()
+    result = await upload([blob], base_url=BASE_URL, src_dir=tmp_path, client=client)
+    assert result.uploaded == (blob.digest,)
+    assert trio.current_time() - start < 1  # no stall: the rest was never asked for
+
+
 @pytest.mark.parametrize(
     ("declared", "given", "sent"),
     [

@@ -273,8 +273,9 @@ class RegistrySession:
         body: Body = None,
         watch: Watch | None = None,
     ) -> httpx.Response:
-        """Like :meth:`stream`, for small answers: the response comes back with its body read,
-        so its connection goes back to the pool."""
+        """Like :meth:`stream`, for answers whose body does not matter: the body is read, so
+        that its connection goes back to the pool, up to :data:`ERROR_BODY_LIMIT` bytes (the
+        connection of a longer one is closed)."""
         async with self.stream(
             method,
             url,
@@ -285,7 +286,7 @@ class RegistrySession:
             body=body,
             watch=watch,
         ) as response:
-            await response.aread()
+            await _read_capped(response)  # an answer longer than that is not waited for
         return response
 
     async def _send(

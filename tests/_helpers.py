@@ -41,3 +41,19 @@ class CountingTransport(httpx.AsyncBaseTransport):
             headers=response.headers,
             stream=httpx.ByteStream(response.content),
         )
+
+
+class Pieces(httpx.AsyncByteStream):
+    """A body in pieces (an iterator, which may be left unfinished)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = iter(pieces)
+
+    def __aiter__(self) -> "Pieces":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            raise StopAsyncIteration from None

@@ -1,5 +1,9 @@
 """Sans-IO protocol rules: origins, redirects, error bodies, Retry-After, argument checks."""
 
+import gzip
+import os
+import tracemalloc
+import zlib
 from datetime import UTC, datetime
 
 import httpx
@@ -7,14 +11,18 @@ import pytest
 
 from trio_blobs import AuthenticationError, ProtocolError, RegistryError
 from trio_blobs._protocol import (
+    UnknownCoding,
     check_base_url,
     check_repository,
     error_for_response,
     location_target,
     parse_error_body,
     parse_retry_after,
+    read_limited,
     same_origin,
 )
+
+from ._helpers import Pieces
 
 
 @pytest.mark.parametrize(
@@ -217,3 +225,46 @@ def test_error_for_response_says_what_is_worth_retrying(
     error = error_for_response(response, b"", digest=None, what="blob", from_storage=from_storage)
     assert type(error) is kind
     assert error.retryable is retryable
+
+
+def coded(content: bytes, *codings: str) -> httpx.Response:
+    """A streamed response whose body is ``content`` encoded with ``codings``, in order."""
+    for coding in codings:
+        content = gzip.compress(content, mtime=0) if coding == "gzip" else zlib.compress(content)
+    headers = {"content-encoding": ", ".join(codings)} if codings else {}
+    pieces = [content[i : i + 1000] for i in range(0, len(content), 1000)]
+    return httpx.Response(200, headers=headers, stream=Pieces(pieces))
+
+
+@pytest.mark.parametrize("codings", [(), ("gzip",), ("deflate",), ("deflate", "gzip")])
+async def test_read_limited_undoes_the_codings(codings: tuple[str, ...]) -> None:
+    content = os.urandom(5000) + b"a" * 5000
+    assert await read_limited(coded(content, *codings), 10_000) == (content, False)
+    assert await read_limited(coded(content, *codings), 9_999) == (content[:9_999], True)
+
+
+async def test_read_limited_never_expands_a_bomb_past_its_limit() -> None:
+    """A few KB that expand to 128 MiB (gzip in gzip): read a piece at a time, and each layer
+    expanded to the limit at most, it costs the limit, not 128 MiB."""
+    bomb = gzip.compress(gzip.compress(b"\0" * 2**27, mtime=0), mtime=0)
+    assert len(bomb) < 10_000
+    tracemalloc.start()
+    try:
+        content, more = await read_limited(coded_bytes(bomb, "gzip, gzip"), 64 * 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (content, more) == (b"\0" * 64 * 1024, True)
+    assert peak < 10 * 1024 * 1024
+
+
+def coded_bytes(body: bytes, coding: str) -> httpx.Response:
+    return httpx.Response(200, headers={"content-encoding": coding}, stream=Pieces([body]))
+
+
+@pytest.mark.parametrize(
+    ("body", "coding"), [(b"x", "br"), (b"not gzip", "gzip"), (b"x", "compress")]
+)
+async def test_read_limited_refuses_what_it_cannot_undo(body: bytes, coding: str) -> None:
+    with pytest.raises(UnknownCoding):
+        await read_limited(coded_bytes(body, coding), 1000)

@@ -2,7 +2,9 @@
 
 import base64
 import dataclasses
+import gzip
 import logging
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -22,7 +24,7 @@ from trio_blobs import (
 )
 from trio_blobs.testing import Registry
 
-from ._helpers import BASE_URL, add_blobs
+from ._helpers import BASE_URL, Pieces, add_blobs
 
 BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
 
@@ -361,3 +363,24 @@ async def test_a_token_answer_too_big_for_a_token_is_refused() -> None:
     auth = RegistryAuth("https://registry.test", client=service.client())
     with pytest.raises(AuthenticationError, match="answer is over 1048576 bytes"):
         await auth(bearer("https://registry.test/token"))
+
+
+async def test_a_compressed_token_answer_is_not_expanded_past_the_limit() -> None:
+    """A few KB of gzip in gzip that would be 128 MiB: refused once 1 MiB is decoded."""
+    bomb = gzip.compress(gzip.compress(b" " * 2**27, mtime=0), mtime=0)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-encoding": "gzip, gzip"}, stream=Pieces([bomb])
+        )
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    auth = RegistryAuth("https://registry.test", client=client)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AuthenticationError, match="answer is over 1048576 bytes"):
+            await auth(bearer("https://registry.test/token"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024

@@ -12,7 +12,14 @@ import trio
 
 from ._auth import AuthChallenge
 from ._exceptions import AuthenticationError, ConnectionFailedError
-from ._protocol import check_base_url, http_url, origin, parse_error_body
+from ._protocol import (
+    UnknownCoding,
+    check_base_url,
+    http_url,
+    origin,
+    parse_error_body,
+    read_limited,
+)
 
 __all__ = ["RegistryAuth"]
 
@@ -119,7 +126,7 @@ class RegistryAuth:
         # Only what the challenge names: a realm's own query (``?service=`` in it) stays.
         wanted = {"service": [service] if service else [], "scope": (scope or "").split()}
         url = url.copy_merge_params({name: values for name, values in wanted.items() if values})
-        headers = {}
+        headers = {"accept-encoding": "gzip, deflate"}  # what read_limited undoes
         if self._basic is not None and self._may_send_credentials(url, challenge.origin):
             headers["authorization"] = f"Basic {self._basic}"
         try:
@@ -170,18 +177,22 @@ def _bounded(timeout: httpx.Timeout) -> httpx.Timeout:
 
 
 async def _read_answer(response: httpx.Response, realm: str) -> bytes:
-    """The token service's answer, refused past :data:`MAX_TOKEN_ANSWER` bytes."""
-    pieces, size = [], 0
-    async for piece in response.aiter_bytes():
-        size += len(piece)
-        if size > MAX_TOKEN_ANSWER:
-            raise AuthenticationError(
-                f"the token service's answer is over {MAX_TOKEN_ANSWER} bytes",
-                status=response.status_code,
-                url=realm,
-            )
-        pieces.append(piece)
-    return b"".join(pieces)
+    """The token service's answer, refused past :data:`MAX_TOKEN_ANSWER` bytes (decoded)."""
+    try:
+        answer, more = await read_limited(response, MAX_TOKEN_ANSWER)
+    except UnknownCoding as exc:
+        raise AuthenticationError(
+            f"the token service's answer is unreadable: {exc}",
+            status=response.status_code,
+            url=realm,
+        ) from exc
+    if more:
+        raise AuthenticationError(
+            f"the token service's answer is over {MAX_TOKEN_ANSWER} bytes",
+            status=response.status_code,
+            url=realm,
+        )
+    return answer
 
 
 def _read_token(response: httpx.Response, answer: bytes, realm: str) -> tuple[str, float]:

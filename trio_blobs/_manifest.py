@@ -20,7 +20,7 @@ import trio
 from ._digest import Blob, check_digest, compute_digest
 from ._exceptions import IntegrityError, ProtocolError, StallError, TransferError
 from ._monitor import Monitor, RateHistory, Watch
-from ._protocol import MAX_PORT, TAG_RE
+from ._protocol import MAX_PORT, TAG_RE, UnknownCoding, read_limited
 from ._retry import AttemptBudget, RetryPolicy
 from ._session import GetToken, RegistrySession
 from ._transfer import check_stall_and_retry, open_session, session_options, unwrap_group
@@ -463,16 +463,13 @@ async def _fetch_once(
         headers={"accept": ACCEPT},
         watch=watch,
     ) as response:
-        chunks: list[bytes] = []
-        received = 0
-        async for chunk in response.aiter_bytes():
-            watch.progress(len(chunk))
-            chunks.append(chunk)
-            received += len(chunk)
-            if received > limit:
-                error = ProtocolError if size is None else IntegrityError
-                raise error(f"manifest is larger than {limit} bytes", digest=digest, url=str(url))
-    data = b"".join(chunks)
+        try:
+            data, more = await read_limited(response, limit, watch.progress)
+        except UnknownCoding as exc:
+            raise ProtocolError(f"unusable manifest: {exc}", digest=digest, url=str(url)) from exc
+        if more:
+            error = ProtocolError if size is None else IntegrityError
+            raise error(f"manifest is larger than {limit} bytes", digest=digest, url=str(url))
     if size is not None and len(data) != size:
         raise IntegrityError(
             f"manifest has {len(data)} bytes, the index says {size}", digest=digest, url=str(url)

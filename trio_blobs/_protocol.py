@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
@@ -210,3 +212,49 @@ def error_for_response(
         digest=digest,
         url=str(response.request.url),
     )
+
+
+class UnknownCoding(ValueError):
+    """A ``Content-Encoding`` that :func:`read_limited` does not undo."""
+
+
+async def read_limited(
+    response: httpx.Response, limit: int, arrived: Callable[[int], object] | None = None
+) -> tuple[bytes, bool]:
+    """``response``'s content, decoded as its ``Content-Encoding`` says (gzip, deflate), up to
+    ``limit`` bytes, and whether there was more; ``arrived(n)`` is told of each piece received.
+
+    Bytes are taken as they came (httpx would expand a piece whole, however far) and expanded
+    no further than the limit, so a small compressed body cannot fill the memory. Raises
+    :class:`UnknownCoding` for another coding.
+    """
+    if response.is_stream_consumed:  # read already (by an event hook, say), and decoded
+        try:
+            content = response.content
+        except httpx.ResponseNotRead:  # streamed by someone else: nothing left to read
+            return b"", False
+        return content[:limit], len(content) > limit
+    layers = []
+    for coding in reversed(response.headers.get("content-encoding", "").lower().split(",")):
+        coding = coding.strip()
+        if coding in ("gzip", "x-gzip"):
+            layers.append(zlib.decompressobj(16 + zlib.MAX_WBITS))
+        elif coding == "deflate":
+            layers.append(zlib.decompressobj())
+        elif coding not in ("", "identity"):
+            raise UnknownCoding(f"Content-Encoding {coding!r}")
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        async for piece in response.aiter_raw():
+            if arrived is not None:
+                arrived(len(piece))
+            for layer in layers:  # each layer expands to one byte past the limit at most
+                piece = layer.decompress(piece, limit - size + 1)
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit or any(layer.unconsumed_tail for layer in layers):
+                return b"".join(pieces)[:limit], True
+    except zlib.error as exc:
+        raise UnknownCoding(f"a body that is not what its Content-Encoding says: {exc}") from exc
+    return b"".join(pieces), False

@@ -32,9 +32,11 @@ from ._monitor import Watch
 from ._protocol import (
     MAX_REDIRECTS,
     REDIRECT_STATUSES,
+    UnknownCoding,
     error_for_response,
     location_target,
     origin,
+    read_limited,
     same_origin,
 )
 
@@ -486,15 +488,13 @@ def _has_request(exc: httpx.TransportError) -> bool:
 
 
 async def _read_capped(response: httpx.Response) -> bytes:
-    """Up to :data:`ERROR_BODY_LIMIT` bytes of a (small, informational) response body."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():  # also serves a body that was read already
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= ERROR_BODY_LIMIT:
-            break
-    return b"".join(chunks)[:ERROR_BODY_LIMIT]
+    """Up to :data:`ERROR_BODY_LIMIT` bytes of a (small, informational) response body; none
+    of one in a coding that is not undone."""
+    try:
+        content, _ = await read_limited(response, ERROR_BODY_LIMIT)
+    except UnknownCoding:
+        return b""
+    return content
 
 
 async def _discard(response: httpx.Response) -> None:

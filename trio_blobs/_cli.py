@@ -417,9 +417,16 @@ def _configure_logging(args: argparse.Namespace) -> None:
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    handler.addFilter(_escape_record)
     logging.basicConfig(
         level=logging.INFO if args.verbose == 1 else logging.DEBUG, handlers=[handler]
     )
+
+
+def _escape_record(record: logging.LogRecord) -> bool:
+    """Log a registry's words (in retry messages, say) with their control characters escaped."""
+    record.msg, record.args = _CONTROL.sub(_escaped, record.getMessage()), None
+    return True
 
 
 # -- running a command, and its failures ---------------------------------------------------------
@@ -627,7 +634,7 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 def _say(args: argparse.Namespace, text: str) -> None:
     if not (args.quiet or args.json):
-        print(text, flush=True)
+        print(_CONTROL.sub(_escaped, text), flush=True)  # an image's name may come from DIR
 
 
 def _emit_json(args: argparse.Namespace, record: dict[str, object]) -> None:

@@ -634,7 +634,7 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 def _say(args: argparse.Namespace, text: str) -> None:
     if not (args.quiet or args.json):
-        print(_CONTROL.sub(_escaped, text), flush=True)  # an image's name may come from DIR
+        print(text, flush=True)
 
 
 def _emit_json(args: argparse.Namespace, record: dict[str, object]) -> None:
@@ -1356,7 +1356,8 @@ async def _push(args: argparse.Namespace) -> int:
     )
     _say(
         args,
-        f"pushed {name} to {ref}: {uploaded}, {stats.mounted} mounted, {present} already there",
+        f"pushed {_CONTROL.sub(_escaped, name)} to {ref}: {uploaded}, {stats.mounted} mounted, "
+        f"{present} already there",  # the name comes from DIR: shown, never obeyed
     )
     record = {"reference": str(ref), "dir": str(args.dir), "layout": layout.kind, "image": name}
     _emit_json(args, {"ok": True, **record, **dataclasses.asdict(stats)})

@@ -152,7 +152,7 @@ TCHARS = "!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits
 TOKEN68_CHARS = string.ascii_letters + string.digits + "-._~+/"
 OWS = st.text(" \t", max_size=2)
 RWS = st.text(" \t", min_size=1, max_size=2)
-KNOWN = ("realm", "service", "scope")
+KNOWN = ("realm", "service", "scope", "error")
 
 tokens = st.text(TCHARS, min_size=1, max_size=8)
 other_schemes = tokens.filter(lambda t: t.lower() != "bearer")

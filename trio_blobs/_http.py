@@ -12,10 +12,11 @@ as RFC 9112 says.
 
 from __future__ import annotations
 
+import inspect
 import re
 import ssl
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, contextmanager, nullcontext
 
 import httpx
 import trio
@@ -401,22 +402,29 @@ async def _send_request(
         raise RuntimeError("an AsyncClient request needs an async body")
     pending = head
     sent = 0
-    async for piece in stream:
-        if not piece:
-            continue
-        sent += len(piece)
-        if length is not None and sent > length:
-            break
-        if length is None:
-            pending += b"%x\r\n" % len(piece)
-        if len(pending) + len(piece) <= COALESCE_SIZE:
-            pending += piece
-        else:
-            await connection.send(pending)
-            await connection.send(piece)
-            pending = b""
-        if length is None:
-            pending += b"\r\n"
+    pieces = stream.__aiter__()
+    # httpx's streams are async generators: one cut off (by a cancellation) is closed here,
+    # not left to be finalized after the trio run that could close it has ended.
+    closing: AbstractAsyncContextManager[object] = nullcontext()
+    if inspect.isasyncgen(pieces):
+        closing = aclosing(pieces)
+    async with closing:
+        async for piece in pieces:
+            if not piece:
+                continue
+            sent += len(piece)
+            if length is not None and sent > length:
+                break
+            if length is None:
+                pending += b"%x\r\n" % len(piece)
+            if len(pending) + len(piece) <= COALESCE_SIZE:
+                pending += piece
+            else:
+                await connection.send(pending)
+                await connection.send(piece)
+                pending = b""
+            if length is None:
+                pending += b"\r\n"
     if length is not None and sent != length:
         raise httpx.LocalProtocolError(
             f"request body has {'more' if sent > length else sent} bytes, "

@@ -342,15 +342,17 @@ async def test_a_registrys_words_reach_the_terminal_escaped(served: Served, tmp_
     ]
 
 
-@pytest.mark.parametrize("annotations", [["a"], "tag"])
+@pytest.mark.parametrize(
+    ("field", "value"), [("annotations", ["a"]), ("annotations", "tag"), ("mediaType", ["x"])]
+)
 async def test_a_damaged_index_json_is_explained(
-    served: Served, tmp_path: Path, annotations: object
+    served: Served, tmp_path: Path, field: str, value: object
 ) -> None:
     image = make_image(10)
     store(served.registry, image, "org/app", "v1")
     (tmp_path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    entry = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": 1}
-    entry["annotations"] = annotations
+    entry: dict[str, object] = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": 1}
+    entry[field] = value
     (tmp_path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
     for args in (
         ("push", tmp_path, f"{served.url}/org/copy:v1"),

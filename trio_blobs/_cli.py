@@ -1032,6 +1032,8 @@ class _OciLayout(_Layout):
                 Blob(entry["digest"], entry["size"])
                 if not isinstance(entry.get("annotations") or {}, dict):
                     raise TypeError(f"annotations of {entry['digest']} are not an object")
+                if not isinstance(entry.get("mediaType", ""), str):
+                    raise TypeError(f"mediaType of {entry['digest']} is not a string")
         except (ValueError, KeyError, TypeError) as exc:
             raise _Failure(
                 f"{path} is not an OCI image index: {exc!r}",

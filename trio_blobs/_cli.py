@@ -425,7 +425,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def _escape_record(record: logging.LogRecord) -> bool:
     """Log a registry's words (in retry messages, say) with their control characters escaped."""
-    record.msg, record.args = _CONTROL.sub(_escaped, record.getMessage()), None
+    record.msg, record.args = _shown(record.getMessage()), None
     return True
 
 
@@ -499,10 +499,8 @@ def _report(args: argparse.Namespace, exc: TransferError | _Failure | OSError) -
     if args.command == "demo":  # it has --url, neither a reference nor --insecure
         hint = hint.replace(_PLAIN_HTTP, "an http:// --url")
     lines = [f"trio-blobs: {headline}", message, *(f"{k}: {v}" for k, v in known.items())]
-    # Registries' words among them are shown, never obeyed: no escape (nor a line of their
-    # own) reaches the terminal.
-    parts = [*lines, meaning, f"Try: {hint}"]
-    print("\n  ".join(_CONTROL.sub(_escaped, part) for part in parts), file=sys.stderr)
+    parts = [*lines, meaning, f"Try: {hint}"]  # a registry's words among them
+    print("\n  ".join(_shown(part) for part in parts), file=sys.stderr)
     record: dict[str, object] = {"ok": False, "error": message, **known}
     cause = exc.last_error if isinstance(exc, RetriesExhaustedError) else exc
     if isinstance(cause, RegistryError):
@@ -616,8 +614,10 @@ def _advice(exc: BaseException) -> tuple[str, str]:
     return "A local file or resource could not be used.", "check the path and its permissions."
 
 
-def _escaped(match: re.Match[str]) -> str:
-    return repr(match[0])[1:-1]
+def _shown(text: str) -> str:
+    """``text`` with its control characters (line breaks too) escaped, as Python writes them:
+    what a registry or DIR says is shown, never obeyed by the terminal."""
+    return _CONTROL.sub(lambda match: repr(match[0])[1:-1], text)
 
 
 def _warn(text: str) -> None:
@@ -1358,8 +1358,8 @@ async def _push(args: argparse.Namespace) -> int:
     )
     _say(
         args,
-        f"pushed {_CONTROL.sub(_escaped, name)} to {ref}: {uploaded}, {stats.mounted} mounted, "
-        f"{present} already there",  # the name comes from DIR: shown, never obeyed
+        f"pushed {_shown(name)} to {ref}: {uploaded}, {stats.mounted} mounted, "
+        f"{present} already there",  # the name comes from DIR
     )
     record = {"reference": str(ref), "dir": str(args.dir), "layout": layout.kind, "image": name}
     _emit_json(args, {"ok": True, **record, **dataclasses.asdict(stats)})

@@ -12,6 +12,7 @@ import logging
 import platform as _platform
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -266,7 +267,7 @@ class Manifest:
         if media_type not in MANIFEST_TYPES:
             media_type = declared if declared in MANIFEST_TYPES else None
         if media_type is None:
-            media_type = OCI_INDEX if "manifests" in document else OCI_MANIFEST
+            media_type = untyped_media_type(document)
         try:
             if media_type in INDEX_TYPES:
                 blobs: list[Blob] = []
@@ -399,6 +400,12 @@ async def fetch_manifest(
         return chosen
 
 
+def untyped_media_type(document: Mapping[str, object]) -> str:
+    """The media type of a manifest that names none (OCI 1.0 left ``mediaType`` optional): an
+    OCI index if it lists ``manifests``, else an OCI image manifest."""
+    return OCI_INDEX if "manifests" in document else OCI_MANIFEST
+
+
 def _is_digest(text: str) -> bool:
     try:
         check_digest(text)
@@ -419,6 +426,13 @@ async def _fetch(
     count."""
     url = session.url(f"manifests/{reference}")
     digest = reference if _is_digest(reference) else None
+    if size is not None and size > MAX_MANIFEST_SIZE:
+        raise ProtocolError(
+            f"the index lists a manifest of {size} bytes, more than the {MAX_MANIFEST_SIZE} a "
+            "manifest may have",
+            digest=digest,
+            url=str(url),
+        )
     budget = AttemptBudget(policy)
     monitor = Monitor(stall_timeout=stall_timeout, history=RateHistory())
     try:
@@ -446,13 +460,6 @@ async def _fetch(
 async def _fetch_once(
     session: RegistrySession, url: httpx.URL, digest: str | None, size: int | None, watch: Watch
 ) -> Manifest:
-    if size is not None and size > MAX_MANIFEST_SIZE:
-        raise ProtocolError(
-            f"the index lists a manifest of {size} bytes, more than the {MAX_MANIFEST_SIZE} a "
-            "manifest may have",
-            digest=digest,
-            url=str(url),
-        )
     limit = MAX_MANIFEST_SIZE if size is None else size
     async with session.stream(
         "GET",

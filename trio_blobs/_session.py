@@ -25,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 import httpx
 import trio
 
-from ._auth import AuthChallenge, merge_scopes, parse_auth_challenge
+from ._auth import AuthChallenge, parse_auth_challenge
 from ._exceptions import AuthenticationError, ConnectionFailedError, ProtocolError, TransferError
 from ._http import HTTP1Transport
 from ._monitor import Watch
@@ -193,8 +193,7 @@ class RegistrySession:
         credentials: Credentials,
         user_agent: str | None,
         logger: logging.Logger,
-        actions: str = "pull",
-        mount_from: Collection[str] = (),
+        scope: str,
     ) -> None:
         self.client = client
         self._own = client if isinstance(client, TransferClient) else None
@@ -206,12 +205,7 @@ class RegistrySession:
         self.credentials = credentials
         self.logger = logger
         self._user_agent = user_agent or DEFAULT_USER_AGENT
-        self._actions = actions
-        self._mount_from = mount_from
-        # What a token for this session covers, whatever one request's challenge names.
-        self._scope = merge_scopes(
-            f"repository:{repository}:{actions}", *(f"repository:{r}:pull" for r in mount_from)
-        )
+        self._scope = scope  # what a token covers, whatever one request's challenge names
         self._api = str(base_url.join(f"{base_url.path.rstrip('/')}/v2/{repository}/"))
 
     def mirror(self, base_url: httpx.URL, *, with_credentials: bool) -> RegistrySession:
@@ -228,8 +222,7 @@ class RegistrySession:
             ),
             user_agent=self._user_agent,
             logger=self.logger,
-            actions=self._actions,
-            mount_from=self._mount_from,
+            scope=self._scope,
         )
 
     def close_idle(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from ._auth import merge_scopes
 from ._digest import Blob
 from ._exceptions import LocalFileError, TransferError
 from ._monitor import Monitor, RateHistory, Watch
@@ -460,7 +461,8 @@ def session_options(
 async def open_session(
     options: SessionOptions, *, concurrency: int, actions: str, mount_from: Collection[str] = ()
 ) -> AsyncIterator[RegistrySession]:
-    """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit."""
+    """A :class:`RegistrySession` over the caller's client, or over one of ours closed at exit,
+    whose tokens cover ``actions`` on the repository and pulls from ``mount_from``."""
     client = options.client
     own = None
     if client is None:
@@ -473,8 +475,10 @@ async def open_session(
             credentials=options.credentials,
             user_agent=options.user_agent,
             logger=options.logger,
-            actions=actions,
-            mount_from=mount_from,
+            scope=merge_scopes(
+                f"repository:{options.repository}:{actions}",
+                *(f"repository:{source}:pull" for source in mount_from),
+            ),
         )
     finally:
         if own is not None:

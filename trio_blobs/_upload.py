@@ -18,7 +18,7 @@ import trio
 
 from ._digest import Blob, Hasher, hashed_digest, new_hasher
 from ._exceptions import LocalFileError, ProtocolError, RegistryError, TransferError
-from ._manifest import OCI_INDEX, OCI_MANIFEST
+from ._manifest import OCI_MANIFEST, untyped_media_type
 from ._monitor import Watch
 from ._protocol import TAG_RE, add_query, check_int, location_target
 from ._retry import RetryPolicy
@@ -207,8 +207,7 @@ def _check_manifest(
 
 
 def _media_type_of(manifest: bytes) -> str:
-    """The manifest's own ``mediaType``; without one (OCI 1.0 left it optional), an OCI index
-    if it lists ``manifests``, else an OCI image manifest, as :meth:`Manifest.parse` reads it."""
+    """The manifest's own ``mediaType``, else the one :meth:`Manifest.parse` would read it as."""
     try:
         document = json.loads(manifest)
     except ValueError:
@@ -216,9 +215,7 @@ def _media_type_of(manifest: bytes) -> str:
     if not isinstance(document, dict):
         return OCI_MANIFEST
     declared = document.get("mediaType")
-    if isinstance(declared, str):
-        return declared
-    return OCI_INDEX if "manifests" in document else OCI_MANIFEST
+    return declared if isinstance(declared, str) else untyped_media_type(document)
 
 
 def _check_sources(src: Path, blobs: list[Blob]) -> None:
